@@ -1,0 +1,1 @@
+"""Orchestration and the pngrow command line."""

@@ -1,0 +1,154 @@
+"""The ``pngrow`` command line. ``main(argv)`` returns the exit status, so tests call it directly.
+
+``pngrow run`` trains one shared model for a family's tasks by prune-and-grow on this machine and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else []
+
+
+def _per_task(values: list[str], tasks: list[str], option: str) -> list[str]:
+    if len(values) == 1:
+        return values * len(tasks)
+    if len(values) != len(tasks):
+        raise ValueError(f"{option} {','.join(values)!r} gives {len(values)} values for {len(tasks)} tasks")
+    return values
+
+
+def _float(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{option} {text!r} is not a number") from None
+
+
+def _arch_options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--arch {pair!r} is not KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pngrow", description="One network for several restoration tasks (PnG).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train one shared model for a family's tasks on this machine")
+    run.add_argument("--family", default="sisr", help="model family: sisr (default) or nic")
+    run.add_argument("--tasks", help="comma-separated task order, e.g. x2,x3,x4 or q6,q4,q2 (family default)")
+    run.add_argument("--arch", action="append", default=[], metavar="KEY=VALUE",
+                     help="architecture option, e.g. width=64 depth=16 (sisr) or N=128 M=192 codec=... (nic)")
+    run.add_argument("--block-shape", default="4x4", help="OUTxIN channels per block, one or one per task")
+    run.add_argument("--prune", default="0.5", help="ratio of each task's blocks to release, one or one per task")
+    run.add_argument("--reuse", default="learned", choices=["learned", "all", "none"],
+                     help="how a task reuses earlier blocks: a learned selection, all of them, or none")
+    run.add_argument("--reuse-penalty", type=float, default=0.0, help="loss weight on the share of reused blocks")
+    for name in ("grow-steps", "prune-steps", "finetune-steps", "batch-size"):
+        run.add_argument(f"--{name}", type=int, help="family default when omitted")
+    run.add_argument("--lr", type=float, default=5e-4)
+    run.add_argument("--selection-lr", type=float, default=1e-3)
+    run.add_argument("--data", help="folder of training images (default: scikit-image's bundled photos)")
+    run.add_argument("--eval-data", help="folder of evaluation images (default: scikit-image's bundled photos)")
+    run.add_argument("--eval-limit", type=int, help="evaluate on the first N images only")
+    run.add_argument("--json", help="write the per-task results here")
+    run.add_argument("--out", help="save the shared model here (safetensors + JSON)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for PyTorch")
+    run.add_argument("--quiet", action="store_true", help="print only the final table")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..workers.data import default_images, load_folder
+    from ..workers.models import get_family
+    from ..workers.png import save_shared
+    from ..workers.training import StageSettings, train_shared
+
+    family = get_family(args.family, _split(args.tasks) or None, **_arch_options(args.arch))
+    tasks = family.tasks
+    budget = dict(family.train_defaults)
+    for key in ("grow_steps", "prune_steps", "finetune_steps", "batch_size"):
+        if getattr(args, key) is not None:
+            budget[key] = getattr(args, key)
+    shapes = _per_task(_split(args.block_shape), tasks, "--block-shape")
+    ratios = [_float(r, "--prune") for r in _per_task(_split(args.prune), tasks, "--prune")]
+    settings = [
+        StageSettings(block_shape=shape, prune_ratio=ratio, reuse=args.reuse, lr=args.lr,  # type: ignore[arg-type]
+                      selection_lr=args.selection_lr, reuse_penalty=args.reuse_penalty, seed=args.seed, **budget)
+        for shape, ratio in zip(shapes, ratios)
+    ]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {args.device!r} is not available on this machine")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ValueError(f"--eval-limit {args.eval_limit!r} must be at least 1")
+    torch.set_num_threads(max(1, args.threads))
+    train = load_folder(args.data) if args.data else default_images("train")
+    evaluation = (load_folder(args.eval_data) if args.eval_data else default_images("eval")).limit(args.eval_limit)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    log(f"pngrow run: {family.name} tasks {','.join(tasks)} on {len(train)} training images from {train.source}, "
+        f"evaluating on {len(evaluation)} from {evaluation.source}")
+    result = train_shared(family, settings, train, evaluation, log=log, device=args.device)
+    report = result.as_dict()
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.out:
+        save_shared(result.shared, args.out, family.architecture())
+        print(f"saved the shared model to {args.out}")
+    return 0
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The per-task table that ``pngrow run`` prints, from its JSON report."""
+    metric_names = list(report["tasks"][0]["metrics"])
+    header = ["task", *metric_names, "density", "active params", f"GMACs@{report['macs_input'][-1]}px", "dense GMACs"]
+    rows = [header]
+    for task in report["tasks"]:
+        rows.append([task["name"], *(f"{task['metrics'][m]:.3f}" for m in metric_names), f"{task['density']:.3f}",
+                     f"{task['active_params']:,}", f"{task['macs'] / 1e9:.3f}", f"{task['dense_macs'] / 1e9:.3f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    model = report["model"]
+    lines.append(
+        f"stored params {model['stored_params']:,} (+{model['mask_bits']:,} mask bits) vs "
+        f"{model['independent_params']:,} for {len(report['tasks'])} separate dense models "
+        f"({model['stored_params'] / model['independent_params']:.2f}x); wall time {report['seconds']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``pngrow`` command line; bad input ends with one line naming it and exit status 2."""
+    from ..workers.png import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (ValueError, KeyError, CheckpointError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"pngrow: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Per-family Optuna search spaces (YAML)."""

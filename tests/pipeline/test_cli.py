@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pngrow.pipeline.cli import main
+from pngrow.workers.models import get_family
+from pngrow.workers.png import load_shared
+
+TINY_SISR = ["run", "--tasks", "x2,x3", "--arch", "width=8", "--arch", "depth=1", "--arch", "lr_patch=8",
+             "--grow-steps", "2", "--prune-steps", "2", "--finetune-steps", "1", "--batch-size", "2", "--quiet"]
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_run_writes_the_output_contract_and_the_model(image_folder: Path, tmp_path: Path, capsys) -> None:
+    out, report = tmp_path / "model", tmp_path / "report.json"
+    args = [*TINY_SISR, "--block-shape", "4x4,2x2", "--prune", "0.5,0.25", "--data", str(image_folder),
+            "--eval-data", str(image_folder), "--json", str(report), "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads(report.read_text())
+    assert [t["name"] for t in data["tasks"]] == ["x2", "x3"]
+    for task in data["tasks"]:
+        assert {"name", "metrics", "density", "active_params", "macs"} <= set(task)
+        assert "psnr" in task["metrics"]
+    assert data["tasks"][1]["block_shape"] == [2, 2] and data["tasks"][1]["prune_ratio"] == 0.25
+    assert data["stored_params"] == data["model"]["stored_params"] < data["independent_params"]
+    table = capsys.readouterr().out
+    assert "x3" in table and "separate dense models" in table
+    shared = load_shared(out, lambda arch: get_family(arch["family"], arch["tasks"], width=arch["width"],
+                                                          depth=arch["depth"]).build_model())
+    assert shared.task_names == ["x2", "x3"]
+    assert shared("x3", torch.zeros(1, 3, 4, 4)).shape == (1, 3, 12, 12)
+
+
+def test_run_nic_reports_bpp(image_folder: Path, tmp_path: Path) -> None:
+    report = tmp_path / "nic.json"
+    args = ["run", "--family", "nic", "--tasks", "q5,q1", "--arch", "N=8", "--arch", "M=8", "--arch", "patch=64",
+            "--grow-steps", "2", "--prune-steps", "1", "--finetune-steps", "1", "--batch-size", "2", "--quiet",
+            "--data", str(image_folder), "--eval-data", str(image_folder), "--json", str(report)]
+    assert main(args) == 0
+    tasks = json.loads(report.read_text())["tasks"]
+    assert [t["name"] for t in tasks] == ["q5", "q1"] and all(t["metrics"]["bpp"] > 0 for t in tasks)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--family", "jpeg"], "unknown family 'jpeg'"),
+        (["--block-shape", "4by4"], "block shape '4by4'"),
+        (["--block-shape", "4x4,2x2,1x1"], "--block-shape '4x4,2x2,1x1' gives 3 values for 2 tasks"),
+        (["--prune", "1.5"], "prune ratio 1.5"),
+        (["--prune", "half"], "--prune 'half' is not a number"),
+        (["--tasks", "x2,x5"], "SISR task 'x5'"),
+        (["--arch", "depth"], "--arch 'depth' is not KEY=VALUE"),
+        (["--data", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
+        (["--eval-limit", "0"], "--eval-limit 0"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_value(extra: list[str], message: str, capsys) -> None:
+    assert main([*TINY_SISR, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pngrow: error: ") and message in err and "\n" not in err
+
+
+def test_bad_nic_options_are_named(capsys) -> None:
+    assert main(["run", "--family", "nic", "--arch", "patch=100"]) == 2
+    assert "NIC patch 100 is not a multiple of 64" in capsys.readouterr().err
+    assert main(["run", "--family", "nic", "--arch", "width=8"]) == 2
+    assert "unknown nic architecture option 'width'" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_named(tmp_path: Path, capsys) -> None:
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
+    assert main([*TINY_SISR, "--data", str(tmp_path)]) == 2
+    assert "bad.png" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pngrow.workers.data import ImageSet
+from pngrow.workers.models import get_family
+from pngrow.workers.models.nic import lambda_of
+from pngrow.workers.png import load_shared, save_shared
+from pngrow.workers.training import StageSettings, train_shared
+
+
+def _images() -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 9, 10, generator=g), size=(70, 80), mode="bilinear")
+    return ImageSet("random", ("a", "b"), tuple((smooth[i] * 255).round().to(torch.uint8) for i in range(2)))
+
+
+@pytest.fixture(scope="module")
+def tiny_job():
+    family = get_family("nic", ["q6", "q2"], N=8, M=8, patch=64)
+    settings = [StageSettings(grow_steps=4, prune_steps=2, finetune_steps=2, batch_size=2, lr=1e-3)] * 2
+    images = _images()
+    return family, train_shared(family, settings, images, images, log=lambda m: None), images
+
+
+def test_rate_names() -> None:
+    assert lambda_of("q1") == 0.0018 and lambda_of("lambda=1e-3") == 0.001
+    for bad in ("q9", "q0", "lambda=-1", "0.01"):
+        with pytest.raises(ValueError, match=f"NIC task {bad!r}"):
+            lambda_of(bad)
+    with pytest.raises(ValueError, match="unknown NIC codec 'cheng'"):
+        get_family("nic", codec="cheng")
+
+
+def test_bpp_is_counted_from_real_bitstreams_per_task(tiny_job) -> None:
+    family, result, images = tiny_job
+    shared = result.shared
+    image = images.images[0][None].float() / 255
+    for task in family.tasks:
+        coded = family.compress(shared, task, image)
+        num_bytes = sum(len(s) for strings in coded["strings"] for s in strings)
+        assert num_bytes > 0
+        rec = family.decompress(shared, task, coded, image.shape[-2:])
+        assert rec.shape == image.shape
+    metrics = result.final_metrics
+    for task in family.tasks:
+        assert set(metrics[task]) == {"psnr", "bpp"} and metrics[task]["bpp"] > 0
+
+
+def test_each_rate_has_its_own_entropy_model(tiny_job) -> None:
+    family, result, _ = tiny_job
+    shared = result.shared
+    quantiles = {t.name: t.local_state["entropy_bottleneck.quantiles"] for t in shared.tasks}
+    assert not torch.equal(quantiles["q6"], quantiles["q2"])
+    assert all(t.local_state["entropy_bottleneck._quantized_cdf"].numel() > 0 for t in shared.tasks)
+
+
+def test_bitstreams_survive_save_and_load(tiny_job, tmp_path) -> None:
+    family, result, images = tiny_job
+    image = images.images[1][None].float() / 255
+    save_shared(result.shared, tmp_path, family.architecture())
+    loaded = load_shared(tmp_path, lambda arch: get_family("nic", arch["tasks"], N=arch["N"], M=arch["M"]).build_model())
+    loaded.eval()
+    for task in family.tasks:
+        coded = family.compress(result.shared, task, image)
+        again = family.compress(loaded, task, image)
+        assert coded["strings"] == again["strings"]
+        assert torch.equal(family.decompress(result.shared, task, coded, image.shape[-2:]),
+                           family.decompress(loaded, task, coded, image.shape[-2:]))

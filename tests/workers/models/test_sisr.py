@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pngrow.workers.data import ImageSet
+from pngrow.workers.metrics import psnr, psnr_y, rgb_to_y
+from pngrow.workers.models import EDSR, get_family
+from pngrow.workers.models.sisr import bicubic_downscale, scale_of
+from pngrow.workers.training import StageSettings, train_shared
+
+
+@pytest.mark.parametrize("skip", ["none", "bicubic"])
+@pytest.mark.parametrize("task, scale", [("x2", 2), ("x3", 3), ("x4", 4)])
+def test_each_scale_has_its_own_pixelshuffle_tail(task: str, scale: int, skip: str) -> None:
+    model = EDSR({"x2": 2, "x3": 3, "x4": 4}, width=8, depth=2, skip=skip)
+    assert model(torch.zeros(1, 3, 6, 7), task).shape == (1, 3, 6 * scale, 7 * scale)
+
+
+def test_task_names_and_architecture_options_are_checked() -> None:
+    assert scale_of("x3") == 3
+    for bad in ("x5", "3", "x", "X2"):
+        with pytest.raises(ValueError, match=f"SISR task {bad!r}"):
+            scale_of(bad)
+    with pytest.raises(ValueError, match="unknown sisr architecture option 'widht'"):
+        get_family("sisr", widht=3)
+    with pytest.raises(ValueError, match="width='wide' is not a int"):
+        get_family("sisr", width="wide")
+    with pytest.raises(ValueError, match="names a task twice"):
+        get_family("sisr", ["x2", "x2"])
+
+
+def test_psnr_y_follows_the_benchmark_protocol() -> None:
+    hr = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    sr = hr.clone()
+    sr[..., :2, :] = 0  # damage only inside a border of 2
+    assert psnr_y(sr, hr, border=2) == float("inf")
+    assert psnr_y(sr, hr, border=1) < 40
+    white = torch.ones(1, 3, 2, 2)
+    assert torch.allclose(rgb_to_y(white), torch.full((1, 1, 2, 2), 235 / 255))
+    assert round(psnr(torch.zeros(1), torch.full((1,), 0.01)), 6) == 40.0
+
+
+def test_bicubic_downscale_sizes_and_levels() -> None:
+    lr = bicubic_downscale(torch.rand(2, 3, 24, 36), 3)
+    assert lr.shape == (2, 3, 8, 12)
+    assert torch.equal(lr, (lr * 255).round() / 255)
+
+
+def test_tiny_job_serves_every_scale_and_beats_bicubic_is_measured() -> None:
+    family = get_family("sisr", ["x2", "x4"], width=8, depth=1, lr_patch=8)
+    g = torch.Generator().manual_seed(0)
+    images = ImageSet("random", ("a", "b"), tuple(torch.randint(0, 256, (3, 40, 48), generator=g, dtype=torch.uint8) for _ in range(2)))
+    settings = [StageSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=2)] * 2
+    result = train_shared(family, settings, images, images, log=lambda m: None)
+    report = result.as_dict()
+    assert [t["name"] for t in report["tasks"]] == ["x2", "x4"]
+    for task in report["tasks"]:
+        assert set(task["metrics"]) == {"psnr", "bicubic_psnr"}
+        assert 0 < task["density"] <= 1 and task["macs"] <= task["dense_macs"]
+    assert report["stored_params"] < report["independent_params"]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pngrow.workers.png import CheckpointError, load_shared, save_shared
+from tests.conftest import ToyNet, train_task
+
+
+def _trained(toy):
+    train_task(toy, "a", (4, 4), 0.5)
+    train_task(toy, "b", (2, 2), 0.5)
+    return toy
+
+
+def test_save_and_load_round_trip_exactly(toy, toy_input, tmp_path: Path) -> None:
+    shared = _trained(toy)
+    with torch.no_grad():
+        expected = {t: shared(t, toy_input).clone() for t in shared.task_names}
+    save_shared(shared, tmp_path, {"model": "toy"})
+    loaded = load_shared(tmp_path, lambda arch: ToyNet())
+    loaded.eval()
+    with torch.no_grad():
+        for task, output in expected.items():
+            assert torch.equal(loaded(task, toy_input), output)
+    for a, b in zip(shared.shared_layers(), loaded.shared_layers()):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.owner, b.owner)
+
+
+def test_description_is_json_and_weights_are_safetensors(toy, tmp_path: Path) -> None:
+    save_shared(_trained(toy), tmp_path, {"model": "toy", "width": 3})
+    description = json.loads((tmp_path / "model.json").read_text())
+    assert description["format"] == "pngrow.shared/1"
+    assert description["architecture"] == {"model": "toy", "width": 3}
+    assert description["tasks"] == [
+        {"name": "a", "block_shape": [4, 4], "reuse": "learned"},
+        {"name": "b", "block_shape": [2, 2], "reuse": "learned"},
+    ]
+    assert len(description["sha256"]) == 64
+    tensors = load_file(str(tmp_path / "weights.safetensors"))
+    assert tensors["task/b/grouped/kept"].dtype == torch.uint8
+    assert "head/heads.a.weight" in tensors and "task/a/local/norm.running_var" in tensors
+
+
+def test_corrupted_weights_are_refused_by_name(toy, tmp_path: Path) -> None:
+    save_shared(_trained(toy), tmp_path, {})
+    weights = tmp_path / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="weights.safetensors does not match the checksum"):
+        load_shared(tmp_path, lambda arch: ToyNet())
+
+
+def test_missing_or_foreign_folders_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a pngrow model folder"):
+        load_shared(tmp_path, lambda arch: ToyNet())
+    (tmp_path / "model.json").write_text('{"format": "other"}')
+    with pytest.raises(CheckpointError, match="is not a pngrow.shared/1 description"):
+        load_shared(tmp_path, lambda arch: ToyNet())
+
+
+def test_a_task_in_progress_is_not_saved(toy, tmp_path: Path) -> None:
+    toy.begin_task("a")
+    with pytest.raises(RuntimeError, match="commit it before saving"):
+        save_shared(toy, tmp_path, {})

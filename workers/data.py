@@ -1,0 +1,117 @@
+"""Images from folders (or scikit-image's bundled photos) and random training patches from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["IMAGE_SUFFIXES", "ImageSet", "PatchSampler", "default_images", "load_folder", "load_image"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# scikit-image ships these colour photographs inside the wheel, so the default job needs no download.
+DEFAULT_TRAIN = ("coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+DEFAULT_EVAL = ("astronaut", "chelsea")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Named RGB images as uint8 tensors of shape (3, H, W)."""
+
+    source: str
+    names: tuple[str, ...]
+    images: tuple[torch.Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def limit(self, count: int | None) -> ImageSet:
+        return self if count is None else ImageSet(self.source, self.names[:count], self.images[:count])
+
+
+def _to_rgb_tensor(array: np.ndarray) -> torch.Tensor:
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.shape[2] == 4:
+        array = array[:, :, :3]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as RGB uint8 (3, H, W); grey is replicated and alpha dropped.
+
+    Raises ``ValueError`` naming the file when it cannot be decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("RGB", "L", "RGBA"):
+                img = img.convert("RGB")
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+    if array.dtype != np.uint8:
+        raise ValueError(f"image {str(path)!r} has {array.dtype} pixels; only 8-bit images are supported")
+    return _to_rgb_tensor(array)
+
+
+def load_folder(folder: str | Path) -> ImageSet:
+    """Every image (by suffix) directly inside ``folder``, sorted by name.
+
+    >>> load_folder("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    ValueError: image folder '/nonexistent' does not exist
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images")
+    return ImageSet(str(path), tuple(p.name for p in files), tuple(load_image(p) for p in files))
+
+
+def default_images(split: str) -> ImageSet:
+    """scikit-image's bundled colour photographs: ``"train"`` (4) or ``"eval"`` (2)."""
+    import skimage.data
+
+    names = {"train": DEFAULT_TRAIN, "eval": DEFAULT_EVAL}[split]
+    return ImageSet(f"skimage.data ({split})", names, tuple(_to_rgb_tensor(getattr(skimage.data, n)()) for n in names))
+
+
+class PatchSampler:
+    """Random square patches (random position, flips and 90-degree turns) from an image set, as floats in [0, 1].
+
+    Images smaller than ``patch``, the largest patch that will be asked for, are left out; :attr:`skipped` names them.
+
+    >>> PatchSampler(default_images("eval"), patch=64).sample(2, 48).shape
+    torch.Size([2, 3, 48, 48])
+    """
+
+    def __init__(self, images: ImageSet, patch: int, seed: int = 0) -> None:
+        usable = [(n, im) for n, im in zip(images.names, images.images) if min(im.shape[1:]) >= patch]
+        self.skipped = tuple(n for n, im in zip(images.names, images.images) if min(im.shape[1:]) < patch)
+        if not usable:
+            raise ValueError(f"no image in {images.source!r} is at least {patch}x{patch} pixels, the patch size")
+        self.images = [im for _, im in usable]
+        self.patch = patch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int, patch: int) -> torch.Tensor:
+        if patch > self.patch:
+            raise ValueError(f"patch {patch} is larger than the sampler's {self.patch}")
+        p, g = patch, self.generator
+        out = torch.empty(batch_size, 3, p, p, dtype=torch.uint8)
+        for i in range(batch_size):
+            image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
+            top = int(torch.randint(image.shape[1] - p + 1, (1,), generator=g))
+            left = int(torch.randint(image.shape[2] - p + 1, (1,), generator=g))
+            crop = image[:, top : top + p, left : left + p]
+            if bool(torch.randint(2, (1,), generator=g)):
+                crop = crop.flip(2)
+            out[i] = torch.rot90(crop, int(torch.randint(4, (1,), generator=g)), dims=(1, 2))
+        return out.float() / 255.0

@@ -1,0 +1,118 @@
+"""A model family: how to build, train, evaluate and cost one kind of restoration network under PnG."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..data import ImageSet
+from ..png import SharedNetwork
+
+__all__ = ["FAMILIES", "Family", "get_family", "register_family"]
+
+FAMILIES: dict[str, type[Family]] = {}
+
+
+def register_family(name: str) -> Callable[[type[Family]], type[Family]]:
+    """Class decorator adding a family to :data:`FAMILIES` under ``name``."""
+
+    def decorate(cls: type[Family]) -> type[Family]:
+        cls.name = name
+        FAMILIES[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_family(name: str, tasks: list[str] | None = None, **arch: Any) -> Family:
+    """The family ``name`` for ``tasks`` (its defaults when None) and architecture options.
+
+    >>> get_family("jpeg")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown family 'jpeg' (known: nic, sisr)
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[name](list(tasks) if tasks else list(FAMILIES[name].default_tasks), **arch)
+
+
+def _convert(family: str, key: str, value: Any, kind: type) -> Any:
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{family} architecture option {key}={value!r} is not a {kind.__name__}") from None
+    if kind is int and converted < 1:
+        raise ValueError(f"{family} architecture option {key}={value!r} must be at least 1")
+    return converted
+
+
+class Family(ABC):
+    """Builds the shared network for a list of tasks and knows the task's loss, metrics and cost input."""
+
+    name: ClassVar[str]
+    default_tasks: ClassVar[tuple[str, ...]]
+    arch_defaults: ClassVar[dict[str, Any]]
+    cost_size: ClassVar[int]  # side of the square input that task MACs are counted for
+    # Training budget of the default job (2 CPU cores, under 10 minutes for the default tasks).
+    train_defaults: ClassVar[dict[str, Any]]
+
+    def __init__(self, tasks: list[str], **arch: Any) -> None:
+        unknown = sorted(set(arch) - set(self.arch_defaults))
+        if unknown:
+            raise ValueError(
+                f"unknown {self.name} architecture option {unknown[0]!r} (known: {', '.join(self.arch_defaults)})"
+            )
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task list {','.join(tasks)!r} names a task twice")
+        if not tasks:
+            raise ValueError("the task list is empty")
+        for task in tasks:
+            self.check_task(task)
+        self.tasks = list(tasks)
+        self.arch = {k: _convert(self.name, k, arch.get(k, v), type(v)) for k, v in self.arch_defaults.items()}
+
+    def architecture(self) -> dict[str, Any]:
+        """What :meth:`build_shared` needs, JSON-serialisable (stored with every checkpoint)."""
+        return {"family": self.name, "tasks": self.tasks, **self.arch}
+
+    @abstractmethod
+    def check_task(self, task: str) -> None:
+        """Raise ``ValueError`` naming ``task`` if this family cannot serve it."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The untrained dense model for all of this family's tasks."""
+
+    @abstractmethod
+    def build_shared(self) -> SharedNetwork:
+        """:meth:`build_model` wrapped for prune-and-grow, with this family's task heads."""
+
+    @abstractmethod
+    def patch_size(self, task: str) -> int:
+        """Side of the square clean training patch for ``task``."""
+
+    @abstractmethod
+    def loss(self, shared: SharedNetwork, task: str, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss of ``task`` on a batch of clean patches in [0, 1], and figures to log."""
+
+    @abstractmethod
+    def evaluate(self, shared: SharedNetwork, task: str, images: ImageSet) -> dict[str, float]:
+        """Mean quality metrics of ``task`` over whole images."""
+
+    @abstractmethod
+    def cost_inputs(self, task: str) -> tuple[torch.Tensor, ...]:
+        """Inputs of one forward of ``task`` for counting MACs."""
+
+    def aux_parameters(self, shared: SharedNetwork) -> list[nn.Parameter]:
+        """Parameters trained by their own optimiser on :meth:`aux_loss` (none by default)."""
+        return []
+
+    def aux_loss(self, shared: SharedNetwork) -> torch.Tensor | None:
+        return None
+
+    def before_commit(self, shared: SharedNetwork, task: str) -> None:
+        """Compute derived task-local state (e.g. entropy-coder tables) before the task is frozen."""

@@ -1,0 +1,121 @@
+"""Neural image compression: a CompressAI hyperprior shared by PnG, one rate-distortion lambda and entropy model per task."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from compressai.models import MeanScaleHyperprior, ScaleHyperprior
+from torch import nn
+
+from ..data import ImageSet
+from ..metrics import psnr, quantize
+from ..png import SharedNetwork
+from ._family import Family, register_family
+
+__all__ = ["CODECS", "NICFamily", "lambda_of"]
+
+# CompressAI's MSE lambdas for its quality levels 1..8 (the bmshj2018/mbt2018 zoo).
+QUALITY_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
+CODECS = {"scale-hyperprior": ScaleHyperprior, "mean-scale-hyperprior": MeanScaleHyperprior}
+_QUALITY = re.compile(r"q([1-8])")
+_LAMBDA = re.compile(r"lambda=([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)")
+# Both hyperprior codecs downsample by 2^6 overall; inputs are padded to a multiple of this.
+_STRIDE = 64
+
+
+def lambda_of(task: str) -> float:
+    """Rate-distortion lambda of a NIC task: ``q1``..``q8`` (CompressAI's levels) or ``lambda=0.013``.
+
+    >>> lambda_of("q4"), lambda_of("lambda=0.02")
+    (0.013, 0.02)
+    """
+    if match := _QUALITY.fullmatch(task):
+        return QUALITY_LAMBDAS[int(match.group(1))]
+    if (match := _LAMBDA.fullmatch(task)) and float(match.group(1)) > 0:
+        return float(match.group(1))
+    raise ValueError(f"NIC task {task!r} is not q1..q8 or lambda=<positive number>")
+
+
+def _bits(likelihoods: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(torch.log(v).sum() for v in likelihoods.values()) / -math.log(2)
+
+
+@register_family("nic")
+class NICFamily(Family):
+    """Multi-rate compression: ``lambda * 255^2 * MSE + bpp`` per task; bpp on evaluation from real bitstreams.
+
+    Convolutions of the analysis, synthesis and hyper transforms are shared by PnG; biases, GDNs and the entropy
+    bottleneck (and the Gaussian conditional's tables) are task-local, i.e. each rate has its own entropy model.
+    """
+
+    default_tasks = ("q6", "q4", "q2")
+    arch_defaults: dict[str, Any] = {"codec": "scale-hyperprior", "N": 64, "M": 96, "patch": 128}
+    cost_size = 256
+    train_defaults: dict[str, Any] = {"grow_steps": 300, "prune_steps": 100, "finetune_steps": 100, "batch_size": 8}
+
+    def __init__(self, tasks: list[str], **arch: Any) -> None:
+        super().__init__(tasks, **arch)
+        if self.arch["codec"] not in CODECS:
+            raise ValueError(f"unknown NIC codec {self.arch['codec']!r} (known: {', '.join(CODECS)})")
+        if self.arch["patch"] % _STRIDE:
+            raise ValueError(f"NIC patch {self.arch['patch']} is not a multiple of {_STRIDE}, the codec's stride")
+
+    def check_task(self, task: str) -> None:
+        lambda_of(task)
+
+    def patch_size(self, task: str) -> int:
+        return self.arch["patch"]
+
+    def build_model(self) -> nn.Module:
+        return CODECS[self.arch["codec"]](N=self.arch["N"], M=self.arch["M"])
+
+    def build_shared(self) -> SharedNetwork:
+        return SharedNetwork(self.build_model())
+
+    def loss(self, shared: SharedNetwork, task: str, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        out = shared(task, batch)
+        bpp = _bits(out["likelihoods"]) / (batch.shape[0] * batch.shape[2] * batch.shape[3])
+        mse = F.mse_loss(out["x_hat"], batch)
+        loss = lambda_of(task) * 255**2 * mse + bpp
+        return loss, {"rd_loss": loss.item(), "bpp": bpp.item(), "mse": mse.item()}
+
+    def aux_parameters(self, shared: SharedNetwork) -> list[nn.Parameter]:
+        return [p for n, p in shared.model.named_parameters() if n.endswith("quantiles")]
+
+    def aux_loss(self, shared: SharedNetwork) -> torch.Tensor:
+        return shared.model.aux_loss()
+
+    def before_commit(self, shared: SharedNetwork, task: str) -> None:
+        shared.activate(task)
+        shared.model.update(force=True)
+
+    def compress(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> dict[str, Any]:
+        """Entropy-code a (1, 3, H, W) image in [0, 1] with ``task``'s rate; returns CompressAI's strings and shape."""
+        shared.activate(task)
+        h, w = image.shape[-2:]
+        padded = F.pad(image, (0, -w % _STRIDE, 0, -h % _STRIDE), mode="replicate")
+        return shared.model.compress(padded)
+
+    def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
+        shared.activate(task)
+        x_hat = shared.model.decompress(coded["strings"], coded["shape"])["x_hat"]
+        return x_hat[..., : size[0], : size[1]]
+
+    @torch.no_grad()
+    def evaluate(self, shared: SharedNetwork, task: str, images: ImageSet) -> dict[str, float]:
+        psnrs, bpps = [], []
+        for image in images.images:
+            x = image[None].float().div(255).to(shared.device)
+            coded = self.compress(shared, task, x)
+            num_bytes = sum(len(s) for strings in coded["strings"] for s in strings)
+            rec = quantize(self.decompress(shared, task, coded, x.shape[-2:]))
+            psnrs.append(psnr(rec, x))
+            bpps.append(8 * num_bytes / (x.shape[-2] * x.shape[-1]))
+        return {"psnr": sum(psnrs) / len(psnrs), "bpp": sum(bpps) / len(bpps)}
+
+    def cost_inputs(self, task: str) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, 3, self.cost_size, self.cost_size),)

@@ -1,0 +1,410 @@
+"""One network whose prunable weights are shared among tasks by micro-structured blocks.
+
+Choices where the paper is silent (stated here, in README, and configurable where a user may want the other):
+
+* Ownership is kept per channel pair of each layer's (output x input) plane; a task prunes and selects at its own
+  block shape, so a later task may use finer or coarser blocks than an earlier one.
+* Prune criterion: block RMS of the task's own weights (L2 norm divided by the square root of the block's size, so
+  edge blocks compete fairly), per layer, releasing ``round(ratio * candidates)`` blocks, always keeping one.
+* Selection of earlier blocks (CPG's "picking", Piggyback's masks): real-valued scores per block, binarised at 0 in
+  the forward pass with a straight-through gradient; ``reuse="all"`` is PackNet's nested sharing, ``"none"`` none.
+* Parameters that are not block-structured (biases, normalisation, GDN, entropy models) are task-local: each task keeps
+  its own copy, swapped in when the task is activated. Modules listed in ``task_heads`` are routed per task by the
+  model itself (``ModuleDict`` keyed by task name) and belong to that task alone.
+* Earlier weights are frozen structurally: a task trains a separate ``growth`` tensor and only ever writes positions
+  that were free, so no optimiser setting (momentum, weight decay) can touch another task's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from ._blocks import BlockGrid, parse_block_shape
+
+__all__ = ["PRUNABLE_TYPES", "Reuse", "SharedLayer", "SharedNetwork", "TaskRecord"]
+
+PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+Reuse = Literal["learned", "all", "none"]
+REUSE_CHOICES = ("learned", "all", "none")
+FREE = -1
+
+
+@dataclass
+class TaskRecord:
+    """A task of the shared network: its name, block shape, how it reuses earlier blocks, and its stored state."""
+
+    name: str
+    block_shape: tuple[int, int]
+    reuse: Reuse
+    committed: bool = False
+    local_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+class _BinaryStep(torch.autograd.Function):
+    """Piggyback's threshold at 0 with a straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (scores > 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+class SharedLayer(nn.Module):
+    """The shared state of one prunable module: its weights, block ownership and each task's selection."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__()
+        weight = module.weight
+        self.name = name
+        # ConvTranspose weights are stored (in, out/groups, *k): their output channels are dimension 1.
+        self.transposed = bool(getattr(module, "transposed", False))
+        rows, cols = (weight.shape[1], weight.shape[0]) if self.transposed else (weight.shape[0], weight.shape[1])
+        self.plane = (int(rows), int(cols))
+        self.kernel_numel = int(weight[0, 0].numel())
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("owner", torch.full(self.plane, FREE, dtype=torch.int16))
+        self.kept: dict[int, torch.Tensor] = {}
+        self.selected: dict[int, torch.Tensor] = {}
+        self.growth: nn.Parameter | None = None
+        self.scores: nn.Parameter | None = None
+        self._active_cache: dict[int, torch.Tensor] = {}
+
+    # --- geometry ------------------------------------------------------------------------------------------------
+    def grid(self, block_shape: tuple[int, int]) -> BlockGrid:
+        return BlockGrid(self.plane, block_shape)
+
+    def to_weight(self, plane: torch.Tensor) -> torch.Tensor:
+        """A plane-shaped tensor broadcast to the weight's shape."""
+        if self.transposed:
+            plane = plane.transpose(0, 1)
+        return plane.reshape(plane.shape + (1,) * (self.weight.dim() - 2))
+
+    def from_weight(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of a weight-shaped tensor over the kernel, as a plane."""
+        plane = values.reshape(values.shape[0], values.shape[1], -1).sum(-1)
+        return plane.transpose(0, 1) if self.transposed else plane
+
+    # --- masks ---------------------------------------------------------------------------------------------------
+    def active_plane(self, index: int, block_shape: tuple[int, int]) -> torch.Tensor:
+        """Channel pairs that committed task ``index`` computes with: its own and its selected earlier ones."""
+        cached = self._active_cache.get(index)
+        if cached is None:
+            earlier = (self.owner >= 0) & (self.owner < index)
+            selected = self.grid(block_shape).expand(self.selected[index]) & earlier
+            cached = (self.owner == index) | selected
+            self._active_cache[index] = cached
+        return cached
+
+    def own_plane(self, index: int, block_shape: tuple[int, int]) -> torch.Tensor:
+        """Channel pairs the task in progress grows: free ones inside its kept blocks."""
+        return self.grid(block_shape).expand(self.kept[index]) & (self.owner == FREE)
+
+    def effective_weight(self, index: int, task: TaskRecord) -> torch.Tensor:
+        """The weight task ``index`` computes with; only its active blocks are non-zero."""
+        if task.committed:
+            return torch.where(self.to_weight(self.active_plane(index, task.block_shape)), self.weight, 0.0)
+        assert self.growth is not None
+        own = self.to_weight(self.own_plane(index, task.block_shape))
+        earlier = self.to_weight(self.owner >= 0)
+        grid = self.grid(task.block_shape)
+        if self.scores is not None:
+            selection = self.to_weight(grid.expand(_BinaryStep.apply(self.scores))) * earlier
+            reused = self.weight * selection
+        else:
+            reused = torch.where(earlier & self.to_weight(grid.expand(self.selected[index])), self.weight, 0.0)
+        return torch.where(own, self.growth, reused)
+
+    # --- task life cycle -----------------------------------------------------------------------------------------
+    def begin(self, index: int, task: TaskRecord, reinit: bool) -> None:
+        grid = self.grid(task.block_shape)
+        device = self.weight.device
+        self.kept[index] = torch.ones(grid.shape, dtype=torch.bool, device=device)
+        has_earlier = grid.block_any(self.owner >= 0)
+        self.selected[index] = has_earlier & (task.reuse != "none")
+        growth = self.weight.detach().clone()
+        if reinit:
+            fresh = torch.empty_like(growth)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PyTorch's default for conv and linear weights
+            growth = torch.where(self.to_weight(self.owner == FREE), fresh, growth)
+        self.growth = nn.Parameter(growth)
+        if task.reuse == "learned" and bool(has_earlier.any()):
+            # Start with every earlier block selected (CPG's picking starts from the full model).
+            self.scores = nn.Parameter(torch.full(grid.shape, 1e-2, device=device))
+        else:
+            self.scores = None
+
+    def prune(self, index: int, task: TaskRecord, ratio: float) -> None:
+        """Release the weakest of the task's own blocks so that ``ratio`` of its candidate blocks are released."""
+        assert self.growth is not None
+        grid = self.grid(task.block_shape)
+        free = self.owner == FREE
+        candidates = grid.block_any(free)
+        n_candidates = int(candidates.sum())
+        if n_candidates == 0:
+            return
+        n_keep = max(1, n_candidates - round(ratio * n_candidates))
+        kept = self.kept[index] & candidates
+        if int(kept.sum()) <= n_keep:
+            return
+        with torch.no_grad():
+            squares = self.from_weight(self.growth.detach().float() ** 2) * free
+            size = grid.block_sum(free.float()) * self.kernel_numel
+            rms = torch.sqrt(grid.block_sum(squares) / size.clamp_min(1))
+        rms = torch.where(kept, rms, torch.tensor(-1.0, device=rms.device))
+        order = torch.argsort(rms.flatten(), descending=True, stable=True)
+        new_kept = torch.zeros(grid.num_blocks, dtype=torch.bool, device=rms.device)
+        new_kept[order[:n_keep]] = True
+        self.kept[index] = new_kept.reshape(grid.shape)
+
+    def fix_selection(self, index: int) -> None:
+        if self.scores is not None:
+            self.selected[index] = (self.scores.detach() > 0) & self.selected[index]
+            self.scores = None
+
+    def commit(self, index: int, task: TaskRecord) -> None:
+        assert self.growth is not None
+        self.fix_selection(index)
+        own = self.own_plane(index, task.block_shape)
+        with torch.no_grad():
+            self.owner[own] = index
+            owned = self.to_weight(self.owner >= 0)
+            self.weight.copy_(torch.where(self.to_weight(own), self.growth.detach(), self.weight) * owned)
+        self.growth = None
+        self._active_cache.pop(index, None)
+
+
+class SharedNetwork(nn.Module):
+    """Wraps any ``nn.Module`` so that its Conv/ConvTranspose/Linear weights are shared among tasks by blocks.
+
+    Tasks are added one at a time: :meth:`begin_task` (grow), training, :meth:`prune`, fine-tuning, :meth:`commit`.
+    ``shared(task, *inputs)`` runs the wrapped model with exactly that task's blocks and task-local state.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+    >>> shared = SharedNetwork(net)
+    >>> shared.begin_task("denoise", block_shape=(4, 4))
+    >>> shared.prune(0.5)
+    >>> shared.commit()
+    >>> shared("denoise", torch.zeros(1, 3, 8, 8)).shape
+    torch.Size([1, 3, 8, 8])
+    """
+
+    def __init__(self, model: nn.Module, task_heads: Sequence[str] = (), task_arg: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.task_heads = tuple(task_heads)
+        self.task_arg = task_arg
+        self.tasks: list[TaskRecord] = []
+        self._active: int | None = None
+        layers = {}
+        for name, module in model.named_modules():
+            if isinstance(module, PRUNABLE_TYPES) and not self._in_head(name) and name:
+                layers[name] = module
+        if not layers:
+            raise ValueError(f"{type(model).__name__} has no Conv or Linear layer outside task_heads to share")
+        self.layer_names = list(layers)
+        self.layers = nn.ModuleDict({_key(n): SharedLayer(n, m) for n, m in layers.items()})
+        for name, module in layers.items():
+            del module._parameters["weight"]
+            module.register_forward_pre_hook(self._weight_hook(self.layers[_key(name)]))
+        self.local_names = [n for n, _ in _named_tensors(model) if not self._in_head(n)]
+
+    # --- tasks -----------------------------------------------------------------------------------------------------
+    def _in_head(self, name: str) -> bool:
+        return any(name == h or name.startswith(h + ".") for h in self.task_heads)
+
+    def task_index(self, name: str) -> int:
+        for i, task in enumerate(self.tasks):
+            if task.name == name:
+                return i
+        known = ", ".join(t.name for t in self.tasks) or "none yet"
+        raise KeyError(f"unknown task {name!r} (tasks: {known})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared_layers()[0].weight.device
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def task_in_progress(self) -> TaskRecord | None:
+        return self.tasks[-1] if self.tasks and not self.tasks[-1].committed else None
+
+    def shared_layers(self) -> list[SharedLayer]:
+        return [self.layers[_key(n)] for n in self.layer_names]  # type: ignore[misc]
+
+    def begin_task(
+        self, name: str, block_shape: tuple[int, int] | str = (4, 4), reuse: Reuse = "learned", reinit: bool | None = None
+    ) -> None:
+        """Start growing task ``name`` into the free blocks (re-initialised unless it is the first task)."""
+        if self.task_in_progress is not None:
+            raise RuntimeError(f"task {self.task_in_progress.name!r} is still in progress; commit it first")
+        if name in self.task_names:
+            raise ValueError(f"task {name!r} already exists")
+        if reuse not in REUSE_CHOICES:
+            raise ValueError(f"reuse {reuse!r} is not one of {', '.join(REUSE_CHOICES)}")
+        task = TaskRecord(name, parse_block_shape(block_shape), reuse)
+        if not any(bool((layer.owner == FREE).any()) for layer in self.shared_layers()):
+            raise RuntimeError(f"no free blocks left to grow task {name!r}: prune an earlier task first")
+        reinit = bool(self.tasks) if reinit is None else reinit
+        previous = self.tasks[-1] if self.tasks else None
+        index = len(self.tasks)
+        self.activate_none()
+        self.tasks.append(task)
+        task.local_state = _clone(previous.local_state) if previous else self._live_local_state()
+        for layer in self.shared_layers():
+            layer.begin(index, task, reinit)
+        self.activate(name)
+
+    def prune(self, ratio: float) -> None:
+        """Release ``ratio`` of the in-progress task's candidate blocks in every layer (weakest block RMS first)."""
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"prune ratio {ratio!r} is outside [0, 1)")
+        task = self._require_in_progress()
+        for layer in self.shared_layers():
+            layer.prune(len(self.tasks) - 1, task, ratio)
+
+    def fix_selection(self) -> None:
+        """Freeze the in-progress task's learned selection of earlier blocks (binarised at 0)."""
+        self._require_in_progress()
+        for layer in self.shared_layers():
+            layer.fix_selection(len(self.tasks) - 1)
+
+    def commit(self) -> None:
+        """Make the in-progress task permanent: it owns its kept blocks and its state is frozen."""
+        task = self._require_in_progress()
+        index = len(self.tasks) - 1
+        if self._active == index:
+            task.local_state = self._live_local_state()
+        for layer in self.shared_layers():
+            layer.commit(index, task)
+        task.committed = True
+        self._active = None
+        self.activate(task.name)
+
+    def _require_in_progress(self) -> TaskRecord:
+        task = self.task_in_progress
+        if task is None:
+            raise RuntimeError("no task in progress: call begin_task first")
+        return task
+
+    # --- training --------------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The in-progress task's parameters by group: ``weights`` (growth, task-local, its head), ``selection``."""
+        task = self._require_in_progress()
+        self.activate(task.name)
+        layers = self.shared_layers()
+        weights = [layer.growth for layer in layers if layer.growth is not None]
+        local = set(self.local_names)
+        head_prefixes = tuple(f"{h}.{task.name}." for h in self.task_heads)
+        for name, param in self.model.named_parameters():
+            if name in local or name.startswith(head_prefixes):
+                weights.append(param)
+        selection = [layer.scores for layer in layers if layer.scores is not None]
+        return {"weights": weights, "selection": selection}
+
+    def selection_density(self) -> torch.Tensor:
+        """Differentiable fraction of earlier blocks the in-progress task selects (0 when nothing is learned)."""
+        values = [_BinaryStep.apply(layer.scores).mean() for layer in self.shared_layers() if layer.scores is not None]
+        return torch.stack(values).mean() if values else torch.zeros(())
+
+    # --- running ---------------------------------------------------------------------------------------------------
+    def forward(self, task: str, *args: Any, **kwargs: Any) -> Any:
+        self.activate(task)
+        if self.task_arg is not None:
+            kwargs[self.task_arg] = task
+        return self.model(*args, **kwargs)
+
+    def activate(self, name: str) -> None:
+        """Swap in task ``name``'s task-local state; saves the in-progress task's live state first."""
+        index = self.task_index(name)
+        if self._active == index:
+            return
+        self.activate_none()
+        _assign_all(self.model, self.tasks[index].local_state)
+        self._active = index
+
+    def activate_none(self) -> None:
+        if self._active is not None and not self.tasks[self._active].committed:
+            self.tasks[self._active].local_state = self._live_local_state()
+        self._active = None
+
+    @property
+    def active_task(self) -> str | None:
+        return None if self._active is None else self.tasks[self._active].name
+
+    @contextmanager
+    def editing_task_state(self, name: str) -> Iterator[None]:
+        """Let derived task-local state (e.g. entropy-coder tables) of a committed task be recomputed and kept."""
+        index = self.task_index(name)
+        self.activate(name)
+        yield
+        self.tasks[index].local_state = self._live_local_state()
+
+    def _weight_hook(self, layer: SharedLayer) -> Any:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            if self._active is None:
+                raise RuntimeError("no task is active: call the shared network as shared(task, ...)")
+            module.weight = layer.effective_weight(self._active, self.tasks[self._active])
+
+        return hook
+
+    def _live_local_state(self) -> dict[str, torch.Tensor]:
+        tensors = dict(_named_tensors(self.model))
+        return {n: tensors[n].detach().clone() for n in self.local_names}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SharedNetwork:
+        super()._apply(fn, recurse)
+        for task in self.tasks:
+            task.local_state = {k: fn(v) for k, v in task.local_state.items()}
+        for layer in self.shared_layers():
+            layer.kept = {k: fn(v) for k, v in layer.kept.items()}
+            layer.selected = {k: fn(v) for k, v in layer.selected.items()}
+            layer._active_cache.clear()
+        return self
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items()}
+
+
+def assign_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set parameter or buffer ``name`` of ``model`` to ``value`` (a copy), resizing where the shape differs."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if attr in owner._parameters:
+        param = owner._parameters[attr]
+        with torch.no_grad():
+            if param.shape == value.shape:
+                param.copy_(value)
+            else:
+                param.data = value.detach().clone().to(param.device)
+    elif attr in owner._buffers:
+        current = owner._buffers[attr]
+        owner._buffers[attr] = value.detach().clone().to(current.device if current is not None else value.device)
+    else:
+        raise KeyError(f"{type(model).__name__} has no parameter or buffer {name!r}")
+
+
+def _assign_all(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, value in state.items():
+        assign_tensor(model, name, value)

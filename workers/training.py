@@ -1,0 +1,214 @@
+"""Train one prune-and-grow stage (one task), and a whole job of stages in task order."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from .data import ImageSet, PatchSampler
+from .models import Family
+from .png import ModelCost, SharedNetwork, TaskCost, model_cost, parse_block_shape, task_cost
+
+__all__ = ["JobResult", "StageResult", "StageSettings", "prune_schedule", "run_stage", "train_shared"]
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How one task is grown, pruned and fine-tuned.
+
+    ``grow_steps`` train the free blocks (and learn the selection of earlier ones); ``prune_steps`` keep training
+    while the task's blocks are released on CPG's cubic schedule up to ``prune_ratio``; ``finetune_steps`` train the
+    kept blocks with every mask fixed. ``reuse_penalty`` weighs the fraction of earlier blocks selected.
+    """
+
+    block_shape: tuple[int, int] = (4, 4)
+    prune_ratio: float = 0.5
+    reuse: str = "learned"
+    grow_steps: int = 300
+    prune_steps: int = 100
+    finetune_steps: int = 100
+    batch_size: int = 8
+    lr: float = 5e-4
+    selection_lr: float = 1e-3
+    reuse_penalty: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_shape", parse_block_shape(self.block_shape))
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ValueError(f"prune ratio {self.prune_ratio!r} is outside [0, 1)")
+        for name in ("grow_steps", "prune_steps", "finetune_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)!r} is negative")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
+        if not (self.lr > 0 and self.selection_lr > 0):
+            raise ValueError(f"learning rates must be positive (lr {self.lr!r}, selection_lr {self.selection_lr!r})")
+
+    @property
+    def total_steps(self) -> int:
+        return self.grow_steps + self.prune_steps + self.finetune_steps
+
+
+@dataclass
+class StageResult:
+    """What one stage produced: the task's metrics and cost right after commit, its time and loss curve."""
+
+    task: str
+    settings: StageSettings
+    metrics: dict[str, float]
+    cost: TaskCost
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+
+def prune_schedule(ratio: float, steps: int, events: int = 10) -> dict[int, float]:
+    """Step (counted from the start of pruning) -> ratio to prune to, on CPG's cubic schedule ending at ``ratio``.
+
+    >>> prune_schedule(0.5, 4, events=2)
+    {0: 0.4375, 2: 0.5}
+    """
+    if steps == 0:
+        return {0: ratio}
+    events = max(1, min(events, steps))
+    interval = steps // events
+    return {(k - 1) * interval: ratio * (1 - (1 - k / events) ** 3) for k in range(1, events + 1)}
+
+
+def run_stage(
+    shared: SharedNetwork,
+    family: Family,
+    task: str,
+    settings: StageSettings,
+    sampler: PatchSampler,
+    eval_images: ImageSet,
+    log: Log = print,
+) -> StageResult:
+    """Grow ``task`` into ``shared``, prune it, fine-tune it, commit it, then evaluate and cost it."""
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    shared.train()
+    shared.begin_task(task, settings.block_shape, settings.reuse)  # type: ignore[arg-type]
+    groups = shared.trainable_parameters()
+    aux = family.aux_parameters(shared)
+    aux_ids = {id(p) for p in aux}
+    param_groups = [{"params": [p for p in groups["weights"] if id(p) not in aux_ids], "lr": settings.lr}]
+    if groups["selection"]:
+        param_groups.append({"params": groups["selection"], "lr": settings.selection_lr})
+    optimizer = torch.optim.Adam(param_groups)
+    total = max(1, settings.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    aux_optimizer = torch.optim.Adam(aux, lr=1e-3) if aux else None
+    schedule = prune_schedule(settings.prune_ratio, settings.prune_steps)
+    patch = family.patch_size(task)
+    history: list[dict[str, float]] = []
+    every = max(1, total // 10)
+    for step in range(settings.total_steps):
+        if step == settings.grow_steps:
+            shared.fix_selection()
+        prune_step = step - settings.grow_steps
+        if prune_step in schedule:
+            shared.prune(schedule[prune_step])
+        loss, figures = family.loss(shared, task, sampler.sample(settings.batch_size, patch).to(shared.device))
+        if settings.reuse_penalty and step < settings.grow_steps:
+            loss = loss + settings.reuse_penalty * shared.selection_density()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"task {task!r}: training loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if aux_optimizer is not None:
+            aux_optimizer.zero_grad(set_to_none=True)
+            family.aux_loss(shared).backward()
+            aux_optimizer.step()
+        if step % every == 0 or step == settings.total_steps - 1:
+            history.append({"step": step, **figures})
+            log(f"[{task}] step {step + 1}/{settings.total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+    if settings.total_steps == 0:
+        shared.prune(settings.prune_ratio)
+    family.before_commit(shared, task)
+    shared.commit()
+    shared.eval()
+    metrics = family.evaluate(shared, task, eval_images)
+    cost = task_cost(shared, task, *(x.to(shared.device) for x in family.cost_inputs(task)))
+    seconds = time.perf_counter() - start
+    log(f"[{task}] committed in {seconds:.1f} s: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return StageResult(task, settings, metrics, cost, seconds, history)
+
+
+@dataclass
+class JobResult:
+    """A whole prune-and-grow job: the shared network, its stages and every task's final figures."""
+
+    family: Family
+    shared: SharedNetwork
+    stages: list[StageResult]
+    final_metrics: dict[str, dict[str, float]]
+    model: ModelCost
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The output contract of ``pngrow run --json``."""
+        tasks = []
+        for stage in self.stages:
+            tasks.append(
+                {
+                    "name": stage.task,
+                    "metrics": self.final_metrics[stage.task],
+                    "density": stage.cost.density,
+                    "active_params": stage.cost.active_params,
+                    "macs": stage.cost.macs,
+                    "dense_macs": stage.cost.dense_macs,
+                    "block_shape": list(stage.settings.block_shape),
+                    "prune_ratio": stage.settings.prune_ratio,
+                    "stage_seconds": stage.seconds,
+                }
+            )
+        return {
+            "family": self.family.name,
+            "architecture": self.family.architecture(),
+            "macs_input": [1, 3, self.family.cost_size, self.family.cost_size],
+            "tasks": tasks,
+            "model": self.model.as_dict(),
+            "stored_params": self.model.stored_params,
+            "independent_params": self.model.independent_params,
+            "seconds": self.seconds,
+        }
+
+
+def train_shared(
+    family: Family,
+    settings: list[StageSettings],
+    train_images: ImageSet,
+    eval_images: ImageSet,
+    log: Log = print,
+    device: str = "cpu",
+) -> JobResult:
+    """Run one stage per task of ``family`` in order, then evaluate every task on the final shared network.
+
+    Raises ``AssertionError`` if an earlier task's metrics changed after later tasks were added (they cannot,
+    by construction; this is the end-to-end check of that guarantee).
+    """
+    if len(settings) != len(family.tasks):
+        raise ValueError(f"{len(settings)} stage settings for {len(family.tasks)} tasks")
+    start = time.perf_counter()
+    sampler = PatchSampler(train_images, max(family.patch_size(t) for t in family.tasks), seed=settings[0].seed)
+    if sampler.skipped:
+        log(f"left out {len(sampler.skipped)} training images smaller than the patch: {', '.join(sampler.skipped)}")
+    shared = family.build_shared().to(device)
+    stages = [
+        run_stage(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log)
+        for i, (task, s) in enumerate(zip(family.tasks, settings))
+    ]
+    final = {task: family.evaluate(shared, task, eval_images) for task in family.tasks}
+    for stage in stages:
+        assert final[stage.task] == stage.metrics, f"task {stage.task!r} changed after later tasks were added"
+    return JobResult(family, shared, stages, final, model_cost(shared), time.perf_counter() - start)
+
