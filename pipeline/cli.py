@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="folder of training images (default: scikit-image's bundled photos)")
     run.add_argument("--eval-data", help="folder of evaluation images (default: scikit-image's bundled photos)")
     run.add_argument("--eval-limit", type=int, help="evaluate on the first N images only")
+    run.add_argument("--init", help="dense weights (safetensors state dict of the family's model) for task 1 to start from")
     run.add_argument("--json", help="write the per-task results here")
     run.add_argument("--out", help="save the shared model here (safetensors + JSON)")
     run.add_argument("--seed", type=int, default=0)
@@ -105,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     log(f"pngrow run: {family.name} tasks {','.join(tasks)} on {len(train)} training images from {train.source}, "
         f"evaluating on {len(evaluation)} from {evaluation.source}")
-    result = train_shared(family, settings, train, evaluation, log=log, device=args.device)
+    initial = _read_state_dict(args.init) if args.init else None
+    result = train_shared(family, settings, train, evaluation, log=log, device=args.device, initial=initial)
     report = result.as_dict()
     print(format_table(report))
     if args.json:
@@ -115,6 +117,18 @@ def _run(args: argparse.Namespace) -> int:
         save_shared(result.shared, args.out, family.architecture())
         print(f"saved the shared model to {args.out}")
     return 0
+
+
+def _read_state_dict(path: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ValueError(f"--init {path!r} does not exist")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"--init {path!r} is not a safetensors file: {exc}") from None
 
 
 def format_table(report: dict[str, Any]) -> str:

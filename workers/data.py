@@ -50,7 +50,7 @@ def load_image(path: str | Path) -> torch.Tensor:
             img.load()
             if img.mode not in ("RGB", "L", "RGBA"):
                 img = img.convert("RGB")
-            array = np.asarray(img)
+            array = np.array(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
     if array.dtype != np.uint8:

@@ -190,8 +190,11 @@ def train_shared(
     eval_images: ImageSet,
     log: Log = print,
     device: str = "cpu",
+    initial: dict[str, torch.Tensor] | None = None,
 ) -> JobResult:
     """Run one stage per task of ``family`` in order, then evaluate every task on the final shared network.
+
+    Task 1 starts from ``initial`` (a dense state dict of the family's model) when given, else from scratch.
 
     Raises ``AssertionError`` if an earlier task's metrics changed after later tasks were added (they cannot,
     by construction; this is the end-to-end check of that guarantee).
@@ -202,7 +205,7 @@ def train_shared(
     sampler = PatchSampler(train_images, max(family.patch_size(t) for t in family.tasks), seed=settings[0].seed)
     if sampler.skipped:
         log(f"left out {len(sampler.skipped)} training images smaller than the patch: {', '.join(sampler.skipped)}")
-    shared = family.build_shared().to(device)
+    shared = family.build_shared(initial).to(device)
     stages = [
         run_stage(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log)
         for i, (task, s) in enumerate(zip(family.tasks, settings))

@@ -83,6 +83,29 @@ def test_bad_nic_options_are_named(capsys) -> None:
     assert "unknown nic architecture option 'width'" in capsys.readouterr().err
 
 
+def test_task_one_starts_from_loaded_dense_weights(image_folder: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    family = get_family("sisr", ["x2", "x3"], width=8, depth=1)
+    torch.manual_seed(3)
+    dense = family.build_model().state_dict()
+    save_file(dense, str(tmp_path / "dense.safetensors"))
+    out = tmp_path / "model"
+    args = [*TINY_SISR, "--grow-steps", "0", "--prune-steps", "0", "--finetune-steps", "0", "--data", str(image_folder),
+            "--eval-data", str(image_folder), "--init", str(tmp_path / "dense.safetensors"), "--out", str(out)]
+    assert main(args) == 0
+    shared = load_shared(out, lambda arch: get_family("sisr", arch["tasks"], width=8, depth=1).build_model())
+    head = shared.layers["head"]
+    owned = head.to_weight(head.owner == 0).expand_as(head.weight)
+    assert owned.any() and torch.equal(head.weight[owned], dense["head.weight"][owned])
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    assert main([*TINY_SISR, "--init", str(tmp_path / "bad.safetensors")]) == 2
+    assert "is not a safetensors file" in capsys.readouterr().err
+    save_file({"nope": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    assert main([*TINY_SISR, "--data", str(image_folder), "--init", str(tmp_path / "other.safetensors")]) == 2
+    assert "do not fit the sisr model" in capsys.readouterr().err
+
+
 def test_unreadable_image_is_named(tmp_path: Path, capsys) -> None:
     (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
     assert main([*TINY_SISR, "--data", str(tmp_path)]) == 2

@@ -88,8 +88,19 @@ class Family(ABC):
         """The untrained dense model for all of this family's tasks."""
 
     @abstractmethod
-    def build_shared(self) -> SharedNetwork:
-        """:meth:`build_model` wrapped for prune-and-grow, with this family's task heads."""
+    def wrap(self, model: nn.Module) -> SharedNetwork:
+        """``model`` (from :meth:`build_model`) wrapped for prune-and-grow, with this family's task heads."""
+
+    def build_shared(self, initial: dict[str, torch.Tensor] | None = None) -> SharedNetwork:
+        """A fresh shared network; ``initial`` is a dense state dict of :meth:`build_model` that task 1 starts from."""
+        model = self.build_model()
+        if initial is not None:
+            result = model.load_state_dict(initial, strict=False)
+            problems = [*result.missing_keys, *result.unexpected_keys]
+            if problems:
+                kind = "missing" if result.missing_keys else "unexpected"
+                raise ValueError(f"initial weights do not fit the {self.name} model: {kind} tensor {problems[0]!r}")
+        return self.wrap(model)
 
     @abstractmethod
     def patch_size(self, task: str) -> int:

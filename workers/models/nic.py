@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from compressai.models import MeanScaleHyperprior, ScaleHyperprior
 from torch import nn
+
+with warnings.catch_warnings():
+    # CompressAI 1.2.8 scripts a helper with torch.jit.script at import, which torch 2.14 deprecates: not ours to fix.
+    warnings.simplefilter("ignore", FutureWarning)
+    from compressai.models import MeanScaleHyperprior, ScaleHyperprior
 
 from ..data import ImageSet
 from ..metrics import psnr, quantize
@@ -73,8 +78,8 @@ class NICFamily(Family):
     def build_model(self) -> nn.Module:
         return CODECS[self.arch["codec"]](N=self.arch["N"], M=self.arch["M"])
 
-    def build_shared(self) -> SharedNetwork:
-        return SharedNetwork(self.build_model())
+    def wrap(self, model: nn.Module) -> SharedNetwork:
+        return SharedNetwork(model)
 
     def loss(self, shared: SharedNetwork, task: str, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         out = shared(task, batch)

@@ -112,8 +112,8 @@ class SISRFamily(Family):
     def build_model(self) -> EDSR:
         return EDSR({t: scale_of(t) for t in self.tasks}, self.arch["width"], self.arch["depth"], self.arch["skip"])
 
-    def build_shared(self) -> SharedNetwork:
-        return SharedNetwork(self.build_model(), task_heads=["tails"], task_arg="task")
+    def wrap(self, model: nn.Module) -> SharedNetwork:
+        return SharedNetwork(model, task_heads=["tails"], task_arg="task")
 
     def loss(self, shared: SharedNetwork, task: str, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss = F.l1_loss(shared(task, bicubic_downscale(batch, scale_of(task))), batch)
