@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._shared import PRUNABLE_TYPES, SharedNetwork
+from ._shared import PRUNABLE_TYPES, SharedLayer, SharedNetwork, TaskRecord
 
 __all__ = ["ModelCost", "TaskCost", "model_cost", "task_cost"]
 
@@ -23,9 +23,6 @@ class TaskCost:
     active_params: int
     macs: int
     dense_macs: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,8 @@ def task_cost(shared: SharedNetwork, task: str, *inputs: Any, **kwargs: Any) -> 
     return TaskCost(task, active_total / prunable_total, active_total + local + head, macs, dense_macs)
 
 
-def _active_plane(layer: Any, index: int, record: Any) -> int:
+def _active_plane(layer: SharedLayer, index: int, record: TaskRecord) -> int:
+    """Active channel pairs of a committed task, or of the task in progress under its current selection."""
     if record.committed:
         return int(layer.active_plane(index, record.block_shape).sum())
     own = layer.own_plane(index, record.block_shape)

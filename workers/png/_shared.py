@@ -18,7 +18,6 @@ Choices where the paper is silent (stated here, in README, and configurable wher
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
 
@@ -338,18 +337,6 @@ class SharedNetwork(nn.Module):
         if self._active is not None and not self.tasks[self._active].committed:
             self.tasks[self._active].local_state = self._live_local_state()
         self._active = None
-
-    @property
-    def active_task(self) -> str | None:
-        return None if self._active is None else self.tasks[self._active].name
-
-    @contextmanager
-    def editing_task_state(self, name: str) -> Iterator[None]:
-        """Let derived task-local state (e.g. entropy-coder tables) of a committed task be recomputed and kept."""
-        index = self.task_index(name)
-        self.activate(name)
-        yield
-        self.tasks[index].local_state = self._live_local_state()
 
     def _weight_hook(self, layer: SharedLayer) -> Any:
         def hook(module: nn.Module, inputs: Any) -> None:
