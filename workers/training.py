@@ -205,6 +205,7 @@ def train_shared(
     sampler = PatchSampler(train_images, max(family.patch_size(t) for t in family.tasks), seed=settings[0].seed)
     if sampler.skipped:
         log(f"left out {len(sampler.skipped)} training images smaller than the patch: {', '.join(sampler.skipped)}")
+    torch.manual_seed(settings[0].seed)  # the model's initialisation is part of what a seed reproduces
     shared = family.build_shared(initial).to(device)
     stages = [
         run_stage(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log)
