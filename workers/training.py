@@ -89,8 +89,12 @@ def run_stage(
     sampler: PatchSampler,
     eval_images: ImageSet,
     log: Log = print,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> StageResult:
-    """Grow ``task`` into ``shared``, prune it, fine-tune it, commit it, then evaluate and cost it."""
+    """Grow ``task`` into ``shared``, prune it, fine-tune it, commit it, then evaluate and cost it.
+
+    ``on_step(step, figures)`` is called with the training figures about ten times per stage.
+    """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     shared.train()
@@ -130,6 +134,8 @@ def run_stage(
             aux_optimizer.step()
         if step % every == 0 or step == settings.total_steps - 1:
             history.append({"step": step, **figures})
+            if on_step is not None:
+                on_step(step, figures)
             log(f"[{task}] step {step + 1}/{settings.total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
     if settings.total_steps == 0:
         shared.prune(settings.prune_ratio)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._family import FAMILIES, Family, get_family, register_family
+from ._family import FAMILIES, Family, get_family, load_model, register_family
 from .nic import NICFamily
 from .sisr import EDSR, SISRFamily
 
-__all__ = ["EDSR", "FAMILIES", "Family", "NICFamily", "SISRFamily", "get_family", "register_family"]
+__all__ = ["EDSR", "FAMILIES", "Family", "NICFamily", "SISRFamily", "get_family", "load_model", "register_family"]

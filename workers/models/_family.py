@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..data import ImageSet
-from ..png import SharedNetwork
+from ..png import CheckpointError, SharedNetwork, load_shared, read_description, save_shared
 
-__all__ = ["FAMILIES", "Family", "get_family", "register_family"]
+__all__ = ["FAMILIES", "Family", "get_family", "load_model", "register_family"]
 
 FAMILIES: dict[str, type[Family]] = {}
 
@@ -59,6 +60,9 @@ class Family(ABC):
     cost_size: ClassVar[int]  # side of the square input that task MACs are counted for
     # Training budget of the default job (2 CPU cores, under 10 minutes for the default tasks).
     train_defaults: ClassVar[dict[str, Any]]
+    # The evaluation metric a search optimises by default, and whether higher ("maximize") or lower is better.
+    quality_metric: ClassVar[str]
+    quality_direction: ClassVar[str]
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         unknown = sorted(set(arch) - set(self.arch_defaults))
@@ -127,3 +131,32 @@ class Family(ABC):
 
     def before_commit(self, shared: SharedNetwork, task: str) -> None:
         """Compute derived task-local state (e.g. entropy-coder tables) before the task is frozen."""
+
+    @abstractmethod
+    def restore(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """What ``task`` makes of one uint8 (3, H, W) image, as uint8, with figures about it.
+
+        SISR upscales the image; NIC entropy-codes it at the task's rate and decodes it (figures: bytes and bpp).
+        """
+
+    def save(self, shared: SharedNetwork, folder: str | Path) -> Path:
+        """Save ``shared`` (safetensors + JSON) so that :func:`load_model` rebuilds it with this family."""
+        return save_shared(shared, folder, self.architecture())
+
+
+def load_model(folder: str | Path) -> tuple[Family, SharedNetwork]:
+    """The family and shared network saved in ``folder`` by :meth:`Family.save`.
+
+    >>> try:
+    ...     load_model("/nonexistent")
+    ... except CheckpointError as error:
+    ...     print(error)
+    /nonexistent/model.json does not exist: not a pngrow model folder
+    """
+    architecture = dict(read_description(folder)["architecture"])
+    name = architecture.pop("family", None)
+    tasks = architecture.pop("tasks", None)
+    if name not in FAMILIES or not isinstance(tasks, list):
+        raise CheckpointError(f"{folder}: the description names no known family and task list")
+    family = get_family(name, tasks, **architecture)
+    return family, load_shared(folder, lambda _: family.build_model())

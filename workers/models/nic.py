@@ -61,6 +61,8 @@ class NICFamily(Family):
     arch_defaults: dict[str, Any] = {"codec": "scale-hyperprior", "N": 64, "M": 96, "patch": 128}
     cost_size = 256
     train_defaults: dict[str, Any] = {"grow_steps": 300, "prune_steps": 100, "finetune_steps": 100, "batch_size": 8}
+    quality_metric = "rd_loss"
+    quality_direction = "minimize"
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         super().__init__(tasks, **arch)
@@ -111,16 +113,24 @@ class NICFamily(Family):
         return x_hat[..., : size[0], : size[1]]
 
     @torch.no_grad()
+    def restore(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Code ``image`` at ``task``'s rate and decode it; figures: the bitstream's bytes and bits per pixel."""
+        x = image[None].float().div(255).to(shared.device)
+        coded = self.compress(shared, task, x)
+        num_bytes = sum(len(s) for strings in coded["strings"] for s in strings)
+        rec = quantize(self.decompress(shared, task, coded, x.shape[-2:]))
+        return rec[0].mul(255).round().to(torch.uint8).cpu(), {"bytes": num_bytes, "bpp": 8 * num_bytes / x[0, 0].numel()}
+
     def evaluate(self, shared: SharedNetwork, task: str, images: ImageSet) -> dict[str, float]:
-        psnrs, bpps = [], []
+        """Mean PSNR (RGB), bpp from real bitstreams, and the rate-distortion loss ``lambda * 255^2 * MSE + bpp``."""
+        psnrs, bpps, rd = [], [], []
         for image in images.images:
-            x = image[None].float().div(255).to(shared.device)
-            coded = self.compress(shared, task, x)
-            num_bytes = sum(len(s) for strings in coded["strings"] for s in strings)
-            rec = quantize(self.decompress(shared, task, coded, x.shape[-2:]))
-            psnrs.append(psnr(rec, x))
-            bpps.append(8 * num_bytes / (x.shape[-2] * x.shape[-1]))
-        return {"psnr": sum(psnrs) / len(psnrs), "bpp": sum(bpps) / len(bpps)}
+            rec, figures = self.restore(shared, task, image)
+            x, y = image.float().div(255), rec.float().div(255)
+            psnrs.append(psnr(y[None], x[None]))
+            bpps.append(figures["bpp"])
+            rd.append(lambda_of(task) * 255**2 * F.mse_loss(y, x).item() + figures["bpp"])
+        return {"psnr": sum(psnrs) / len(psnrs), "bpp": sum(bpps) / len(bpps), "rd_loss": sum(rd) / len(rd)}
 
     def cost_inputs(self, task: str) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, 3, self.cost_size, self.cost_size),)

@@ -96,6 +96,8 @@ class SISRFamily(Family):
     arch_defaults: dict[str, Any] = {"width": 32, "depth": 4, "skip": "bicubic", "lr_patch": 24}
     cost_size = 64
     train_defaults: dict[str, Any] = {"grow_steps": 400, "prune_steps": 150, "finetune_steps": 150, "batch_size": 16}
+    quality_metric = "psnr"
+    quality_direction = "maximize"
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         super().__init__(tasks, **arch)
@@ -131,6 +133,13 @@ class SISRFamily(Family):
             up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
             bicubic.append(psnr_y(quantize(up), hr, scale))
         return {"psnr": sum(ours) / len(ours), "bicubic_psnr": sum(bicubic) / len(bicubic)}
+
+    @torch.no_grad()
+    def restore(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Upscale ``image`` by ``task``'s scale."""
+        lr = image[None].float().div(255).to(shared.device)
+        sr = quantize(shared(task, lr))[0]
+        return sr.mul(255).round().to(torch.uint8).cpu(), {"scale": scale_of(task)}
 
     def cost_inputs(self, task: str) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, 3, self.cost_size, self.cost_size),)
