@@ -1,6 +1,8 @@
 """The ``pngrow`` command line. ``main(argv)`` returns the exit status, so tests call it directly.
 
 ``pngrow run`` trains one shared model for a family's tasks by prune-and-grow on this machine and prints a table.
+``pngrow search CONFIG`` runs a search on Ray with Optuna and MLflow; ``pngrow status`` lists searches;
+``pngrow promote`` registers a search's shared model in the MLflow Model Registry.
 """
 
 from __future__ import annotations
@@ -72,7 +74,99 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for PyTorch")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
     run.set_defaults(handler=_run)
+
+    search = commands.add_parser("search", help="search a shared model on Ray (Optuna per task, MLflow lineage)")
+    search.add_argument("config", help="search config YAML, e.g. search_spaces/examples/tiny-sisr.yaml")
+    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else ./pngrow-runs)")
+    search.add_argument("--optuna-storage", help="Optuna storage URL (default: the config's, else ./pngrow-runs)")
+    search.add_argument("--ray-address", help="Ray cluster address (default: the config's, else in-process Ray)")
+    search.add_argument("--workdir", help="folder for the local defaults (default: the config's, else pngrow-runs)")
+    search.add_argument("--json", help="write the search's summary here")
+    search.add_argument("--quiet", action="store_true", help="print only the final summary")
+    search.set_defaults(handler=_search)
+
+    status = commands.add_parser("status", help="running and finished searches, their stages and progress")
+    _tracking_options(status)
+    status.add_argument("--limit", type=int, default=20, help="newest searches to show (default 20)")
+    status.set_defaults(handler=_status)
+
+    promote = commands.add_parser("promote", help="register a search's (or stage's) shared model, set an alias")
+    promote.add_argument("run", metavar="SEARCH_OR_RUN", help="a search's id or name, or a stage run's id")
+    promote.add_argument("--name", required=True, help="registered model name")
+    promote.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
+    _tracking_options(promote)
+    promote.set_defaults(handler=_promote)
     return parser
+
+
+def _tracking_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./pngrow-runs)")
+    parser.add_argument("--experiment", default="pngrow", help="MLflow experiment (default pngrow)")
+    parser.add_argument("--workdir", default="pngrow-runs", help="folder of the local default tracking store")
+
+
+def _open_tracking(args: argparse.Namespace):  # noqa: ANN202 - imported lazily to keep `pngrow run` light
+    from .config import SearchConfig
+    from .tracking import Tracking
+
+    config = SearchConfig(family="", tasks=[], tracking_uri=args.tracking_uri, workdir=args.workdir)
+    uri = config.resolved_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ValueError(f"no pngrow tracking store at {uri!r}: run a search first or pass --tracking-uri")
+    tracking = Tracking(uri)
+    found = tracking.client.get_experiment_by_name(args.experiment)
+    if found is None:
+        raise ValueError(f"MLflow experiment {args.experiment!r} does not exist at {uri!r}")
+    tracking.experiment_id = found.experiment_id
+    return tracking
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .search import run_search
+
+    overrides = {"workdir": args.workdir, "optuna_storage": args.optuna_storage}
+    config = load_config(args.config, overrides)
+    if args.tracking_uri or args.ray_address:
+        from dataclasses import replace
+
+        config = replace(config, tracking_uri=args.tracking_uri or config.tracking_uri,
+                         ray=replace(config.ray, address=args.ray_address or config.ray.address))
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    result = run_search(config, log=log)
+    summary = {
+        "search_id": result.search_id, "name": result.name, "model_uri": result.model_uri,
+        "wall_seconds": result.wall_seconds, "train_seconds": result.train_seconds, "overhead": result.overhead,
+        "utilisation": result.utilisation, "trials": result.trials,
+        "stages": [{"task": s.task, "run_id": s.run_id, "chosen_trial_run": s.chosen.run_id, "finished": s.finished,
+                    "failed": s.failed, "metrics": s.chosen.metrics, "density": s.chosen.density,
+                    "stored_params": s.chosen.stored_params} for s in result.stages],
+        "final_metrics": result.final_metrics,
+    }
+    print(f"search {result.search_id} finished: {result.trials} trials in {result.wall_seconds:.1f} s, "
+          f"{100 * result.overhead:.1f}% of it outside training; model {result.model_uri}")
+    print(f"promote it: pngrow promote {result.search_id} --name NAME")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import format_status, search_status
+
+    tracking = _open_tracking(args)
+    print(format_status(search_status(tracking, args.limit)))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from .registry import promote
+
+    version = promote(_open_tracking(args), args.run, args.name, args.alias)
+    print(f"registered {args.name} version {version.version} from run {version.run_id}; "
+          f"load it as models:/{args.name}@{args.alias}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -153,12 +247,13 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pngrow`` command line; bad input ends with one line naming it and exit status 2."""
+    from ..errors import SearchError
     from ..workers.png import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ValueError, KeyError, CheckpointError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, CheckpointError, FileNotFoundError, SearchError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"pngrow: error: {message}", file=sys.stderr)
         return 2

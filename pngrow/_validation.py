@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "check_keys", "typed"]
-
-
-class ConfigError(ValueError):
-    """A configuration or search-space file with a missing, unknown or badly typed field."""
 
 
 def check_keys(mapping: Any, where: str, allowed: set[str], required: set[str] = frozenset()) -> Mapping[str, Any]:
@@ -17,7 +15,7 @@ def check_keys(mapping: Any, where: str, allowed: set[str], required: set[str] =
     >>> check_keys({"famly": "sisr"}, "config", {"family"})
     Traceback (most recent call last):
     ...
-    pngrow._validation.ConfigError: config: unknown field 'famly' (known: family)
+    pngrow.errors.ConfigError: config: unknown field 'famly' (known: family)
     """
     if not isinstance(mapping, Mapping):
         raise ConfigError(f"{where}: expected a mapping of fields, got {type(mapping).__name__} {mapping!r}")
@@ -36,7 +34,7 @@ def typed(value: Any, field: str, kind: type | tuple[type, ...]) -> Any:
     >>> typed("8", "config field 'trials'", int)
     Traceback (most recent call last):
     ...
-    pngrow._validation.ConfigError: config field 'trials' is '8', not int
+    pngrow.errors.ConfigError: config field 'trials' is '8', not int
     """
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageSet", "PatchSampler", "default_images", "load_folder", "load_image"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageSet",
+    "PatchSampler",
+    "decode_image",
+    "default_images",
+    "load_folder",
+    "load_image",
+    "read_shards",
+    "write_shard",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # scikit-image ships these colour photographs inside the wheel, so the default job needs no download.
@@ -45,21 +56,57 @@ def load_image(path: str | Path) -> torch.Tensor:
 
     Raises ``ValueError`` naming the file when it cannot be decoded.
     """
+    return decode_image(path, str(path))
+
+
+def decode_image(source: str | Path | io.BytesIO, name: str) -> torch.Tensor:
+    """Decode an image file or encoded bytes (``name`` says which in errors) as RGB uint8 (3, H, W)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             if img.mode not in ("RGB", "L", "RGBA"):
                 img = img.convert("RGB")
             array = np.array(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+        raise ValueError(f"cannot read image {name!r}: {exc}") from None
     if array.dtype != np.uint8:
-        raise ValueError(f"image {str(path)!r} has {array.dtype} pixels; only 8-bit images are supported")
+        raise ValueError(f"image {name!r} has {array.dtype} pixels; only 8-bit images are supported")
     return _to_rgb_tensor(array)
 
 
+def write_shard(images: ImageSet, path: str | Path) -> Path:
+    """Store ``images`` as one Parquet shard: a row per image, columns ``name`` and ``png`` (lossless bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pngs = []
+    for image in images.images:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"name": list(images.names), "png": pngs}), str(path))
+    return Path(path)
+
+
+def read_shards(paths: list[Path]) -> list[tuple[str, torch.Tensor]]:
+    """The images in Parquet shards written by :func:`write_shard`, named ``shard:name``."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for path in paths:
+        try:
+            table = pq.read_table(str(path), columns=["name", "png"])
+        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+            raise ValueError(f"cannot read Parquet shard {str(path)!r} (columns name, png): {exc}") from None
+        for name, data in zip(table.column("name").to_pylist(), table.column("png").to_pylist()):
+            label = f"{path.name}:{name}"
+            out.append((label, decode_image(io.BytesIO(data), label)))
+    return out
+
+
 def load_folder(folder: str | Path) -> ImageSet:
-    """Every image (by suffix) directly inside ``folder``, sorted by name.
+    """Every image (by suffix) and every image in Parquet shards (``*.parquet``) directly inside ``folder``.
 
     >>> load_folder("/nonexistent")
     Traceback (most recent call last):
@@ -70,9 +117,11 @@ def load_folder(folder: str | Path) -> ImageSet:
     if not path.is_dir():
         raise ValueError(f"image folder {str(folder)!r} does not exist")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images")
-    return ImageSet(str(path), tuple(p.name for p in files), tuple(load_image(p) for p in files))
+    named = [(p.name, load_image(p)) for p in files]
+    named += read_shards(sorted(p for p in path.iterdir() if p.suffix.lower() == ".parquet" and p.is_file()))
+    if not named:
+        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images or .parquet shards")
+    return ImageSet(str(path), tuple(n for n, _ in named), tuple(im for _, im in named))
 
 
 def default_images(split: str) -> ImageSet:

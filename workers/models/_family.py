@@ -60,9 +60,10 @@ class Family(ABC):
     cost_size: ClassVar[int]  # side of the square input that task MACs are counted for
     # Training budget of the default job (2 CPU cores, under 10 minutes for the default tasks).
     train_defaults: ClassVar[dict[str, Any]]
-    # The evaluation metric a search optimises by default, and whether higher ("maximize") or lower is better.
+    # What :meth:`evaluate` returns, each with whether higher ("maximize") or lower is better, and the one a
+    # search optimises by default.
+    metric_directions: ClassVar[dict[str, str]]
     quality_metric: ClassVar[str]
-    quality_direction: ClassVar[str]
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         unknown = sorted(set(arch) - set(self.arch_defaults))

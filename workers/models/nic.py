@@ -61,8 +61,8 @@ class NICFamily(Family):
     arch_defaults: dict[str, Any] = {"codec": "scale-hyperprior", "N": 64, "M": 96, "patch": 128}
     cost_size = 256
     train_defaults: dict[str, Any] = {"grow_steps": 300, "prune_steps": 100, "finetune_steps": 100, "batch_size": 8}
+    metric_directions = {"psnr": "maximize", "bpp": "minimize", "rd_loss": "minimize"}
     quality_metric = "rd_loss"
-    quality_direction = "minimize"
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         super().__init__(tasks, **arch)

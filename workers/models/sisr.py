@@ -96,8 +96,8 @@ class SISRFamily(Family):
     arch_defaults: dict[str, Any] = {"width": 32, "depth": 4, "skip": "bicubic", "lr_patch": 24}
     cost_size = 64
     train_defaults: dict[str, Any] = {"grow_steps": 400, "prune_steps": 150, "finetune_steps": 150, "batch_size": 16}
+    metric_directions = {"psnr": "maximize", "bicubic_psnr": "maximize"}
     quality_metric = "psnr"
-    quality_direction = "maximize"
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         super().__init__(tasks, **arch)

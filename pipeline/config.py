@@ -1,0 +1,163 @@
+"""The YAML that describes one search: family, model size, task order, data, budget, search space, services.
+
+Every field but ``family`` and ``tasks`` has a default that runs on this machine alone (in-process Ray, MLflow in a
+SQLite file and Optuna in another, both under ``workdir``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .._validation import ConfigError, check_keys, typed
+
+__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "load_config"]
+
+COST_OBJECTIVES = ("density", "stored_params")
+_TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "objectives", "select", "seed",
+        "tracking", "optuna_storage", "ray", "workdir", "init"}
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where trials run: ``address`` of a Ray cluster (None: in-process Ray on this machine's CPUs)."""
+
+    address: str | None = None
+    num_cpus: int | None = None  # in-process Ray only
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 1.0  # asked for only when the cluster has GPUs
+    max_retries: int = 1  # reruns of a trial whose worker died
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One search. ``load_config`` reads it from YAML; tests build it directly.
+
+    >>> SearchConfig(family="sisr", tasks=["x2", "x3"], workdir="/tmp/runs").resolved_optuna_storage()
+    'sqlite:////tmp/runs/optuna.db'
+    """
+
+    family: str
+    tasks: list[str]
+    name: str = "search"
+    arch: dict[str, Any] = field(default_factory=dict)
+    train_data: str | None = None  # folder or s3:// prefix of images or Parquet shards; None: skimage's photos
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    search_space: str = ""  # a shipped space's name or a YAML path; empty: the family's full space
+    trials_per_stage: int = 8
+    parallel_trials: int = 2
+    quality: str = ""  # evaluation metric to optimise; empty: the family's
+    cost: str = "density"
+    rule: str = "sparsest_within"
+    tolerance: float = 0.1
+    seed: int = 0
+    tracking_uri: str | None = None
+    experiment: str = "pngrow"
+    optuna_storage: str | None = None
+    ray: RayOptions = field(default_factory=RayOptions)
+    workdir: str = "pngrow-runs"
+    init: str | None = None  # dense safetensors weights task 1 starts from
+
+    def resolved_tracking_uri(self) -> str:
+        """The MLflow tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in ``workdir``."""
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+
+    def resolved_optuna_storage(self) -> str:
+        """Optuna's storage URL: the config's, else SQLite in ``workdir``."""
+        return self.optuna_storage or f"sqlite:///{Path(self.workdir).resolve() / 'optuna.db'}"
+
+    def local_artifact_root(self) -> str | None:
+        """A file URI for artifacts when tracking is a local file (None when a server decides)."""
+        uri = self.resolved_tracking_uri()
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            return (Path(self.workdir).resolve() / "artifacts").as_uri()
+        return None
+
+
+def _optional(raw: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    value = raw.get(key)
+    return None if value is None else typed(value, f"{where} field {key!r}", kind)
+
+
+def _positive(value: int, field: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{field} is {value!r}, must be at least 1")
+    return value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
+    """Read and check a search config; ``overrides`` (e.g. from the command line) replace top-level fields.
+
+    >>> load_config("missing.yaml")
+    Traceback (most recent call last):
+    ...
+    pngrow.errors.ConfigError: search config 'missing.yaml' does not exist
+    """
+    where = f"search config {str(path)!r}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} does not exist")
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = dict(check_keys(raw, where, _TOP, {"family", "tasks"}))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    tasks = typed(raw["tasks"], f"{where} field 'tasks'", list)
+    if not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"{where} field 'tasks' is {tasks!r}, not a non-empty list of task names")
+    data = check_keys(raw.get("data") or {}, f"{where} field 'data'", {"train", "eval", "eval_limit"})
+    budget = check_keys(raw.get("budget") or {}, f"{where} field 'budget'", {"trials_per_stage", "parallel_trials"})
+    objectives = check_keys(raw.get("objectives") or {}, f"{where} field 'objectives'", {"quality", "cost"})
+    select = check_keys(raw.get("select") or {}, f"{where} field 'select'", {"rule", "tolerance"})
+    tracking = check_keys(raw.get("tracking") or {}, f"{where} field 'tracking'", {"uri", "experiment"})
+    ray_raw = check_keys(raw.get("ray") or {}, f"{where} field 'ray'", set(RayOptions.__dataclass_fields__))
+    cost = typed(objectives.get("cost", "density"), f"{where} objectives field 'cost'", str)
+    if cost not in COST_OBJECTIVES:
+        raise ConfigError(f"{where} objectives field 'cost' is {cost!r}, not one of {', '.join(COST_OBJECTIVES)}")
+    ray_options = RayOptions(
+        address=_optional(ray_raw, "address", f"{where} ray", str),
+        num_cpus=_optional(ray_raw, "num_cpus", f"{where} ray", int),
+        cpus_per_trial=_positive(typed(ray_raw.get("cpus_per_trial", 1), f"{where} ray field 'cpus_per_trial'", int),
+                                 f"{where} ray field 'cpus_per_trial'"),
+        gpus_per_trial=typed(ray_raw.get("gpus_per_trial", 1.0), f"{where} ray field 'gpus_per_trial'", float),
+        max_retries=typed(ray_raw.get("max_retries", 1), f"{where} ray field 'max_retries'", int),
+    )
+    eval_limit = _optional(data, "eval_limit", f"{where} data", int)
+    if eval_limit is not None:
+        _positive(eval_limit, f"{where} data field 'eval_limit'")
+    tolerance = typed(select.get("tolerance", 0.1), f"{where} select field 'tolerance'", float)
+    if tolerance < 0:
+        raise ConfigError(f"{where} select field 'tolerance' is {tolerance!r}, must not be negative")
+    return SearchConfig(
+        family=typed(raw["family"], f"{where} field 'family'", str),
+        tasks=list(tasks),
+        name=typed(raw.get("name", Path(path).stem), f"{where} field 'name'", str),
+        arch=dict(check_keys(raw.get("arch") or {}, f"{where} field 'arch'", set(map(str, raw.get("arch") or {})))),
+        train_data=_optional(data, "train", f"{where} data", str),
+        eval_data=_optional(data, "eval", f"{where} data", str),
+        eval_limit=eval_limit,
+        search_space=typed(raw.get("search_space", ""), f"{where} field 'search_space'", str),
+        trials_per_stage=_positive(typed(budget.get("trials_per_stage", 8), f"{where} budget field 'trials_per_stage'",
+                                         int), f"{where} budget field 'trials_per_stage'"),
+        parallel_trials=_positive(typed(budget.get("parallel_trials", 2), f"{where} budget field 'parallel_trials'",
+                                        int), f"{where} budget field 'parallel_trials'"),
+        quality=typed(objectives.get("quality", ""), f"{where} objectives field 'quality'", str),
+        cost=cost,
+        rule=typed(select.get("rule", "sparsest_within"), f"{where} select field 'rule'", str),
+        tolerance=tolerance,
+        seed=typed(raw.get("seed", 0), f"{where} field 'seed'", int),
+        tracking_uri=_optional(tracking, "uri", f"{where} tracking", str),
+        experiment=typed(tracking.get("experiment", "pngrow"), f"{where} tracking field 'experiment'", str),
+        optuna_storage=_optional(raw, "optuna_storage", where, str),
+        ray=ray_options,
+        workdir=typed(raw.get("workdir", "pngrow-runs"), f"{where} field 'workdir'", str),
+        init=_optional(raw, "init", where, str),
+    )

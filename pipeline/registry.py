@@ -1,0 +1,71 @@
+"""The MLflow Model Registry, thinly: register a search's shared model (or a stage's) and point an alias at it."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+
+from ..errors import SearchError
+from .tracking import TAG, Tracking
+
+__all__ = ["promote", "resolve_run"]
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def resolve_run(tracking: Tracking, ref: str) -> Run:
+    """The run named by ``ref``: a run id, or the name of a search (its newest finished run)."""
+    if _RUN_ID.fullmatch(ref):
+        try:
+            return tracking.run(ref)
+        except mlflow.exceptions.MlflowException:
+            raise ValueError(f"run {ref!r} does not exist at {tracking.uri!r}") from None
+    runs = [r for r in tracking.runs(f"tags.`{TAG}kind` = 'search'") if r.info.run_name == ref]
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if not finished:
+        detail = f"none of its {len(runs)} runs finished" if runs else "no search has that name"
+        raise ValueError(f"search {ref!r} cannot be promoted: {detail}")
+    return finished[0]
+
+
+def _model_uri(tracking: Tracking, run: Run) -> str:
+    tags = run.data.tags
+    if TAG + "model_uri" in tags:
+        return tags[TAG + "model_uri"]
+    kind = tags.get(TAG + "kind")
+    if kind == "search":
+        raise SearchError(f"search {run.info.run_id} has no shared model yet (its run is {run.info.status})")
+    if kind not in ("stage", "trial") or run.info.status != "FINISHED":
+        raise SearchError(f"run {run.info.run_id} is not a finished pngrow stage or trial (kind {kind!r}, "
+                          f"status {run.info.status})")
+    with tempfile.TemporaryDirectory(prefix="pngrow-promote-") as tmp:
+        return tracking.log_shared_model(run.info.run_id, tracking.download_checkpoint(run.info.run_id, tmp))
+
+
+def promote(tracking: Tracking, ref: str, name: str, alias: str = "champion") -> ModelVersion:
+    """Register the shared model of ``ref`` (see :func:`resolve_run`) as a new version of ``name``, set ``alias``.
+
+    The version's tags record its lineage: the run it came from, the search, the task order, and the model
+    version it was grown from when the search grew a released model.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", alias) or re.fullmatch(r"latest|[vV][0-9]+", alias):
+        raise ValueError(f"alias {alias!r} must be letters, digits, '_', '-' or '.', and not 'latest' or 'vN'")
+    run = resolve_run(tracking, ref)
+    uri = _model_uri(tracking, run)
+    tags = run.data.tags
+    lineage = {
+        "pngrow.source_run": run.info.run_id,
+        "pngrow.search_id": tags.get(TAG + "search_id", run.info.run_id),
+        "pngrow.tasks": tags.get(TAG + "tasks") or tags.get(TAG + "task_order", ""),
+    }
+    if TAG + "grown_from_model" in tags:
+        lineage["pngrow.grown_from_model"] = tags[TAG + "grown_from_model"]
+    mlflow.set_tracking_uri(tracking.uri)
+    mlflow.set_registry_uri(tracking.uri)
+    version = mlflow.register_model(uri, name, tags=lineage)
+    tracking.client.set_registered_model_alias(name, alias, version.version)
+    return version

@@ -1,0 +1,267 @@
+"""The search driver: one prune-and-grow stage per task, in task order, each an Optuna study whose trials run on
+Ray workers; every search, stage and trial is an MLflow run, and the last stage's model is logged as a pyfunc model.
+
+Stage t's trials all grow from the checkpoint that stage t-1 selected (logged on stage t-1's run); the selection
+rule picks one finished trial per stage from quality and cost (see :mod:`pngrow.pipeline.study`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from ..errors import ConfigError, SearchError
+from ..search_spaces import SearchSpace, load_search_space
+from ..workers.models import Family, get_family
+from .cluster import Cluster
+from .config import SearchConfig
+from .study import RULES, Candidate, distributions, open_study, pareto_front, select
+from .tracking import Tracking
+from .trial import EvaluationSpec, TrialOutcome, TrialSpec, evaluate_model, run_trial
+
+__all__ = ["DRIFT_TOLERANCE", "SearchResult", "StageSummary", "prepare", "run_search", "union_seconds"]
+
+Log = Callable[[str], None]
+# Largest change of an earlier task's metric allowed between its stage and the final model. Frozen blocks make it
+# exactly 0 on the same hardware; different GPU models may pick different kernels, hence a small slack.
+DRIFT_TOLERANCE = 1e-3
+
+
+@dataclass
+class StageSummary:
+    """One stage of a search: its MLflow run, the trial chosen, how many finished or failed, the Pareto front."""
+
+    task: str
+    run_id: str
+    study: str
+    chosen: TrialOutcome
+    finished: int
+    failed: int
+    front: list[Candidate] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    """A finished search. ``overhead`` is the share of wall time during which no trial was training."""
+
+    search_id: str
+    name: str
+    stages: list[StageSummary]
+    final_metrics: dict[str, dict[str, float]]
+    model_uri: str
+    wall_seconds: float
+    train_seconds: float  # union of all trials' training intervals
+    overhead: float
+    utilisation: float  # summed training time over (wall time x parallel trial slots)
+
+    @property
+    def trials(self) -> int:
+        return sum(s.finished + s.failed for s in self.stages)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    config: SearchConfig
+    family: Family
+    space: SearchSpace
+    quality: str
+    maximize: bool
+
+
+def prepare(config: SearchConfig) -> _Plan:
+    """Check that the config's family, tasks, space, objectives and rule fit together, before any service starts."""
+    family = get_family(config.family, config.tasks, **config.arch)
+    space = load_search_space(config.search_space or config.family)
+    if space.family != family.name:
+        raise ConfigError(f"search space {space.name!r} is for family {space.family!r}, not {family.name!r}")
+    quality = config.quality or family.quality_metric
+    if quality not in family.metric_directions:
+        raise ConfigError(f"quality objective {quality!r} is not one of {family.name}'s metrics: "
+                          f"{', '.join(family.metric_directions)}")
+    if config.rule not in RULES:
+        raise ConfigError(f"selection rule {config.rule!r} is not one of {', '.join(sorted(RULES))}")
+    for name, source in (("train", config.train_data), ("eval", config.eval_data)):
+        if source and "://" not in source and not Path(source).is_dir():
+            raise ConfigError(f"data {name} folder {source!r} does not exist")
+    if config.init and not Path(config.init).is_file():
+        raise ConfigError(f"init weights {config.init!r} do not exist")
+    return _Plan(config, family, space, quality, family.metric_directions[quality] == "maximize")
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``(start, end)`` intervals.
+
+    >>> union_seconds([(0, 2), (1, 3), (5, 6)])
+    4
+    """
+    total, end = 0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def _flat_params(config: SearchConfig) -> dict[str, Any]:
+    params = {k: v for k, v in asdict(config).items() if k not in ("ray", "arch", "tasks")}
+    params.update({f"arch.{k}": v for k, v in config.arch.items()})
+    params.update({f"ray.{k}": v for k, v in asdict(config.ray).items()})
+    params["tasks"] = ",".join(config.tasks)
+    return params
+
+
+def run_search(config: SearchConfig, log: Log = print) -> SearchResult:
+    """Run a whole search; returns when the final shared model is logged. Failures mark the runs FAILED."""
+    plan = prepare(config)
+    start = time.time()
+    if config.local_artifact_root():
+        Path(config.workdir).mkdir(parents=True, exist_ok=True)
+    tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
+    search_id = tracking.start_run(config.name, {"kind": "search", "family": config.family,
+                                                 "tasks": ",".join(config.tasks)})
+    tracking.log(search_id, params=_flat_params(config), tags={"search_id": search_id})
+    tracking.client.log_dict(search_id, {**asdict(config), "search_space_resolved": plan.space.name},
+                             "search_config.json")
+    log(f"pngrow search {config.name!r}: id {search_id}, tracking {tracking.uri}")
+    cluster: Cluster | None = None
+    try:
+        cluster = Cluster(config.ray)
+        log(f"Ray: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; trials train on {cluster.device}, "
+            f"{min(config.parallel_trials, cluster.slots)} at a time")
+        stages: list[StageSummary] = []
+        intervals: list[tuple[float, float]] = []
+        for index, task in enumerate(config.tasks):
+            parent = stages[-1].run_id if stages else None
+            stages.append(_run_stage(plan, tracking, cluster, search_id, index, parent, intervals, log))
+        final = _final_check(plan, tracking, cluster, search_id, stages, log)
+        with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
+            model_uri = tracking.log_shared_model(search_id, tracking.download_checkpoint(stages[-1].run_id, tmp))
+        wall = time.time() - start
+        trained = union_seconds(intervals)
+        slots = min(config.parallel_trials, cluster.slots)
+        result = SearchResult(search_id, config.name, stages, final, model_uri, wall, trained, 1 - trained / wall,
+                              sum(b - a for a, b in intervals) / (wall * slots))
+        tracking.log(search_id, metrics={"wall_seconds": wall, "train_seconds_union": trained,
+                                         "orchestration_overhead": result.overhead,
+                                         "slot_utilisation": result.utilisation, "trials": result.trials},
+                     tags={"final_stage_run": stages[-1].run_id})
+        tracking.end_run(search_id)
+        return result
+    except BaseException as exc:
+        tracking.log(search_id, tags={"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracking.end_run(search_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_stage(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str, index: int, parent: str | None,
+               intervals: list[tuple[float, float]], log: Log) -> StageSummary:
+    config, task = plan.config, plan.config.tasks[index]
+    study_name = f"pngrow-{search_id}-{index}-{task}"
+    study = open_study(config.resolved_optuna_storage(), study_name, "maximize" if plan.maximize else "minimize",
+                       config.seed + index)
+    lineage = {"search_id": search_id, "task": task, "stage_index": index,
+               "task_order": ",".join(config.tasks[: index + 1]), "grown_from_run": parent or "",
+               "optuna_study": study_name}
+    stage_run = tracking.start_run(f"stage {index + 1}: {task}", {"kind": "stage", **lineage}, parent=search_id)
+    try:
+        summary = _search_trials(plan, tracking, cluster, study, stage_run, index, parent, lineage, intervals, log)
+    except BaseException:
+        tracking.end_run(stage_run, "FAILED")
+        raise
+    chosen = summary.chosen
+    tracking.copy_checkpoint(chosen.run_id, stage_run)
+    chosen_params = tracking.run(chosen.run_id).data.params
+    tracking.log(stage_run, params=chosen_params,
+                 metrics={**{f"eval/{k}": v for k, v in chosen.metrics.items()}, "density": chosen.density,
+                          "stored_params": chosen.stored_params, "active_params": chosen.active_params,
+                          "trials_finished": summary.finished, "trials_failed": summary.failed,
+                          "pareto_front_size": len(summary.front)},
+                 tags={"chosen_trial_run": chosen.run_id})
+    tracking.end_run(stage_run)
+    log(f"[{task}] chose trial run {chosen.run_id} by {config.rule}: {plan.quality}="
+        f"{chosen.metrics[plan.quality]:.4g} {config.cost}={chosen.cost(config.cost):.4g}")
+    return summary
+
+
+def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: optuna.Study, stage_run: str, index: int,
+                   parent: str | None, lineage: dict[str, Any], intervals: list[tuple[float, float]],
+                   log: Log) -> StageSummary:
+    config, task = plan.config, plan.config.tasks[index]
+    dists = distributions(plan.space)
+    study.enqueue_trial(plan.space.defaults(), skip_if_exists=True)
+    pending: dict[Any, tuple[optuna.Trial, str]] = {}
+    outcomes: dict[int, TrialOutcome] = {}
+    asked = failed = 0
+    parallel = min(config.parallel_trials, cluster.slots)
+    while asked < config.trials_per_stage or pending:
+        while asked < config.trials_per_stage and len(pending) < parallel:
+            trial = study.ask(dists)
+            asked += 1
+            settings = asdict(plan.space.settings(trial.params, seed=config.seed + index))
+            run_id = tracking.start_run(f"{task} trial {trial.number}", {"kind": "trial", **lineage,
+                                                                         "optuna_trial": trial.number},
+                                        parent=stage_run)
+            trial.set_user_attr("mlflow_run_id", run_id)
+            spec = TrialSpec(tracking.uri, run_id, config.family, config.tasks, config.arch, task, parent, settings,
+                             config.train_data, config.eval_data, config.eval_limit,
+                             config.init if parent is None else None, config.ray.cpus_per_trial, cluster.device)
+            pending[cluster.submit(run_trial, spec)] = (trial, run_id)
+        ref = cluster.wait_one(list(pending))
+        trial, run_id = pending.pop(ref)
+        try:
+            outcome: TrialOutcome = cluster.result(ref)
+        except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
+            failed += 1
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            tracking.log(run_id, tags={"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:5000]})
+            tracking.end_run(run_id, "FAILED")
+            log(f"[{task}] trial {trial.number} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            continue
+        outcomes[trial.number] = outcome
+        intervals.append((outcome.train_started, outcome.train_ended))
+        study.tell(trial, [outcome.metrics[plan.quality], outcome.cost(config.cost)])
+        tracking.end_run(run_id)
+        log(f"[{task}] trial {trial.number} ({len(outcomes) + failed}/{config.trials_per_stage}) "
+            f"{_describe(trial.params)}: {plan.quality}={outcome.metrics[plan.quality]:.4g} "
+            f"density={outcome.density:.3f} in {outcome.trial_seconds:.1f} s")
+    candidates = [Candidate(n, o.metrics[plan.quality], o.cost(config.cost), o.run_id) for n, o in outcomes.items()]
+    try:
+        chosen = select(config.rule, candidates, plan.maximize, config.tolerance)
+    except ValueError as exc:
+        raise SearchError(f"stage {index + 1} ({task}): {exc}; every trial failed (see the trial runs' "
+                           f"pngrow.error tags)") from None
+    front = pareto_front(candidates, plan.maximize)
+    return StageSummary(task, stage_run, study.study_name, outcomes[chosen.number], len(outcomes), failed, front)
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _final_check(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str, stages: list[StageSummary],
+                 log: Log) -> dict[str, dict[str, float]]:
+    """Evaluate every task on the final model (on a worker) and check no earlier task changed."""
+    config = plan.config
+    spec = EvaluationSpec(tracking.uri, stages[-1].run_id, config.eval_data, config.eval_limit,
+                          config.ray.cpus_per_trial, cluster.device)
+    final: dict[str, dict[str, float]] = cluster.result(cluster.submit(evaluate_model, spec))
+    metrics: dict[str, float] = {}
+    for stage in stages:
+        drift = max(abs(final[stage.task][k] - v) for k, v in stage.chosen.metrics.items())
+        metrics.update({f"final/{stage.task}/{k}": v for k, v in final[stage.task].items()})
+        metrics[f"drift/{stage.task}"] = drift
+        if drift > DRIFT_TOLERANCE:
+            tracking.log(search_id, metrics=metrics)
+            raise SearchError(f"task {stage.task!r} changed by {drift:.3g} after later tasks were grown")
+    tracking.log(search_id, metrics=metrics)
+    log("final model: " + "; ".join(f"{t} {plan.quality}={m[plan.quality]:.4g} density={m['density']:.3f}"
+                                    for t, m in final.items()))
+    return final

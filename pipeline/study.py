@@ -1,0 +1,109 @@
+"""Optuna, thinly: one multi-objective study per stage, and the rules that pick the trial a stage hands on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import optuna
+
+from ..search_spaces import SearchSpace
+
+__all__ = ["RULES", "Candidate", "distributions", "open_study", "pareto_front", "register_rule", "select"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A finished trial as the selection rules see it: its quality, its cost (lower is better) and its run."""
+
+    number: int
+    quality: float
+    cost: float
+    run_id: str
+
+
+Rule = Callable[[list[Candidate], bool, float], Candidate]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(name: str) -> Callable[[Rule], Rule]:
+    """Function decorator adding a selection rule ``rule(candidates, maximize, tolerance)`` under ``name``."""
+
+    def decorate(rule: Rule) -> Rule:
+        RULES[name] = rule
+        return rule
+
+    return decorate
+
+
+def _sign(maximize: bool) -> float:
+    return 1.0 if maximize else -1.0
+
+
+@register_rule("best_quality")
+def best_quality(candidates: list[Candidate], maximize: bool, tolerance: float) -> Candidate:
+    """The best quality; the lower cost breaks ties. ``tolerance`` is not used."""
+    return max(candidates, key=lambda c: (_sign(maximize) * c.quality, -c.cost))
+
+
+@register_rule("sparsest_within")
+def sparsest_within(candidates: list[Candidate], maximize: bool, tolerance: float) -> Candidate:
+    """The lowest cost among trials whose quality is within ``tolerance`` (metric units) of the best.
+
+    >>> a, b = Candidate(0, 30.0, 0.9, "a"), Candidate(1, 29.95, 0.5, "b")
+    >>> sparsest_within([a, b], maximize=True, tolerance=0.1).run_id, sparsest_within([a, b], True, 0.01).run_id
+    ('b', 'a')
+    """
+    best = best_quality(candidates, maximize, tolerance)
+    near = [c for c in candidates if _sign(maximize) * (best.quality - c.quality) <= tolerance]
+    return min(near, key=lambda c: (c.cost, -_sign(maximize) * c.quality))
+
+
+def select(rule: str, candidates: list[Candidate], maximize: bool, tolerance: float) -> Candidate:
+    """Apply the registered ``rule``; raises ``ValueError`` when it is unknown or no trial finished."""
+    if rule not in RULES:
+        raise ValueError(f"selection rule {rule!r} is not one of {', '.join(sorted(RULES))}")
+    if not candidates:
+        raise ValueError("no trial of the stage finished, so there is nothing to select")
+    return RULES[rule](candidates, maximize, tolerance)
+
+
+def pareto_front(candidates: list[Candidate], maximize: bool) -> list[Candidate]:
+    """The candidates no other one beats on both quality and cost, by increasing cost.
+
+    >>> front = pareto_front([Candidate(0, 30, 0.5, "a"), Candidate(1, 29, 0.6, "b"), Candidate(2, 31, 0.9, "c")], True)
+    >>> [c.run_id for c in front]
+    ['a', 'c']
+    """
+    s = _sign(maximize)
+
+    def dominated(c: Candidate) -> bool:
+        return any(s * o.quality >= s * c.quality and o.cost <= c.cost and (o.quality, o.cost) != (c.quality, c.cost)
+                   for o in candidates)
+
+    return sorted((c for c in candidates if not dominated(c)), key=lambda c: c.cost)
+
+
+def distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Optuna distributions of a search space's parameters."""
+    result: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, p in space.parameters.items():
+        if p.kind == "categorical":
+            result[name] = optuna.distributions.CategoricalDistribution(list(p.choices))
+        elif p.kind == "int":
+            result[name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
+        else:
+            result[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)  # type: ignore[arg-type]
+    return result
+
+
+def open_study(storage: str, name: str, quality_direction: str, seed: int) -> optuna.Study:
+    """The stage's study (created, or loaded when it exists): objectives quality then cost (minimised)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        storage=storage,
+        study_name=name,
+        directions=[quality_direction, "minimize"],
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        load_if_exists=True,
+    )

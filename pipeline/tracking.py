@@ -1,0 +1,128 @@
+"""MLflow, thinly: runs of searches, stages and trials with lineage tags, checkpoints as artifacts, the pyfunc model.
+
+Run tags (all prefixed ``pngrow.``): ``kind`` (search, stage or trial), ``search_id`` (the search run's id), ``task``,
+``stage_index``, ``task_order`` (comma-separated tasks up to this stage), ``grown_from_run`` (the stage run whose
+checkpoint this one started from), ``chosen_trial_run`` (on a stage), ``optuna_study``/``optuna_trial``, and
+``model_uri`` (on a search, the logged pyfunc model).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.utils.time import get_current_time_millis
+
+__all__ = ["Tracking", "metric_key"]
+
+# pngrow prints its own progress; MLflow's per-download progress bars and "View run at" lines would drown it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+TAG = "pngrow."
+_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
+_PYFUNC_CODE = Path(__file__).with_name("shared_model.py")
+
+
+def metric_key(*parts: str) -> str:
+    """A metric name MLflow accepts, joining ``parts`` with ``/``.
+
+    >>> metric_key("final", "lambda=0.02", "psnr")
+    'final/lambda_0.02/psnr'
+    """
+    return "/".join(_BAD.sub("_", p) for p in parts)
+
+
+class Tracking:
+    """One MLflow tracking server (or local store) and one experiment in it."""
+
+    def __init__(self, uri: str, experiment: str | None = None, artifact_root: str | None = None) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.experiment_id = self._experiment(experiment, artifact_root) if experiment else None
+
+    def _experiment(self, name: str, artifact_root: str | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(name, artifact_location=artifact_root)
+
+    def start_run(self, name: str, tags: dict[str, Any], parent: str | None = None) -> str:
+        """A new run in the experiment, nested under ``parent``; ``tags`` are prefixed with ``pngrow.``."""
+        if self.experiment_id is None:
+            raise ValueError("this Tracking was opened without an experiment, so it cannot start runs")
+        all_tags = {TAG + k: str(v) for k, v in tags.items()}
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent
+        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
+            tags: dict[str, Any] | None = None, step: int = 0) -> None:
+        """Metrics (at ``step``), params and ``pngrow.`` tags in one request."""
+        now = get_current_time_millis()
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(metric_key(k), float(v), now, step) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)) for k, v in (params or {}).items()],
+            tags=[RunTag(TAG + k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def log_checkpoint(self, run_id: str, folder: str | Path) -> None:
+        """Upload a saved shared model (safetensors + JSON) as the run's ``checkpoint`` artifacts."""
+        self.client.log_artifacts(run_id, str(folder), "checkpoint")
+
+    def download_checkpoint(self, run_id: str, dest: str | Path) -> Path:
+        """The run's ``checkpoint`` artifacts, downloaded into ``dest``."""
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, "checkpoint", str(dest)))
+
+    def copy_checkpoint(self, source_run: str, dest_run: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="pngrow-ckpt-") as tmp:
+            self.log_checkpoint(dest_run, self.download_checkpoint(source_run, tmp))
+
+    def log_shared_model(self, run_id: str, checkpoint: str | Path) -> str:
+        """Log the checkpoint as a pyfunc model on ``run_id``; returns the model's URI (also tagged on the run)."""
+        from .. import __version__
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="shared_model",
+                python_model=str(_PYFUNC_CODE),
+                artifacts={"checkpoint": str(checkpoint)},
+                pip_requirements=[f"pngrow=={__version__}"],
+            )
+        self.log(run_id, tags={"model_uri": info.model_uri})
+        return info.model_uri
+
+    def run(self, run_id: str) -> Run:
+        return self.client.get_run(run_id)
+
+    def runs(self, filter_string: str = "", experiment_ids: Iterable[str] | None = None) -> list[Run]:
+        """Runs matching an MLflow filter (e.g. ``tags.`pngrow.kind` = 'search'``), newest first, every page."""
+        ids = list(experiment_ids) if experiment_ids is not None else (
+            [self.experiment_id] if self.experiment_id else [e.experiment_id for e in self.client.search_experiments()]
+        )
+        result: list[Run] = []
+        token = None
+        while True:
+            page = self.client.search_runs(ids, filter_string, max_results=1000, order_by=["attributes.start_time DESC"],
+                                           page_token=token)
+            result.extend(page)
+            token = page.token
+            if not token:
+                return result
+
+    def children(self, run: Run, kind: str) -> list[Run]:
+        """The ``kind`` runs (stage or trial) nested under ``run``."""
+        return self.runs(f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and tags.`pngrow.kind` = '{kind}'",
+                         [run.info.experiment_id])

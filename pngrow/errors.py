@@ -1,0 +1,13 @@
+"""The errors pngrow raises for its users' mistakes and for searches that cannot go on; each prints as one line."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "SearchError"]
+
+
+class ConfigError(ValueError):
+    """A configuration or search-space file with a missing, unknown or badly typed field."""
+
+
+class SearchError(RuntimeError):
+    """A search that cannot go on (every trial of a stage failed, an earlier task changed, a run has no model)."""

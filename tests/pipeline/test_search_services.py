@@ -1,0 +1,110 @@
+"""The tiny example search, end to end, against real services: PostgreSQL, SeaweedFS S3, an MLflow server on them,
+and a Ray head in its own process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import psycopg
+import pytest
+import skimage.data
+import torch
+from mlflow import MlflowClient
+
+from pngrow.pipeline.cli import main
+from pngrow.pipeline.shared_model import _image_array
+from pngrow.workers.models import load_model
+
+EXAMPLE = Path(__file__).parents[2] / "search_spaces" / "examples" / "tiny-sisr.yaml"
+pytestmark = pytest.mark.slow
+
+
+def _runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    return client.search_runs([experiment_id], filter_string, max_results=1000)
+
+
+def test_tiny_search_on_real_services(services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    for key, value in services.env().items():
+        monkeypatch.setenv(key, value)
+    summary_file = tmp_path / "summary.json"
+    args = ["search", str(EXAMPLE), "--tracking-uri", services.mlflow.uri, "--optuna-storage",
+            services.postgres.url("optuna"), "--ray-address", services.ray.address, "--workdir", str(tmp_path / "w"),
+            "--json", str(summary_file), "--quiet"]
+    assert main(args) == 0
+    summary = json.loads(summary_file.read_text())
+    assert not (tmp_path / "w").exists(), "a search on services must not fall back to local files"
+
+    # MLflow: one search run, a stage run per task, three trial runs per stage, with lineage.
+    client = MlflowClient(services.mlflow.uri)
+    search = client.get_run(summary["search_id"])
+    assert search.info.status == "FINISHED" and search.data.tags["pngrow.kind"] == "search"
+    experiment = search.info.experiment_id
+    stages = sorted(_runs(client, experiment, f"tags.`mlflow.parentRunId` = '{search.info.run_id}'"),
+                    key=lambda r: int(r.data.tags["pngrow.stage_index"]))
+    assert [s.data.tags["pngrow.task"] for s in stages] == ["x2", "x3"]
+    assert [s.data.tags["pngrow.task_order"] for s in stages] == ["x2", "x2,x3"]
+    assert stages[0].data.tags["pngrow.grown_from_run"] == ""
+    assert stages[1].data.tags["pngrow.grown_from_run"] == stages[0].info.run_id
+    trial_ids = set()
+    for stage in stages:
+        assert stage.info.status == "FINISHED" and stage.data.tags["pngrow.search_id"] == search.info.run_id
+        trials = _runs(client, experiment, f"tags.`mlflow.parentRunId` = '{stage.info.run_id}'")
+        assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+        assert stage.data.tags["pngrow.chosen_trial_run"] in {t.info.run_id for t in trials}
+        for trial in trials:
+            trial_ids.add(trial.info.run_id)
+            assert trial.data.tags["pngrow.kind"] == "trial"
+            assert trial.data.tags["pngrow.grown_from_run"] == stage.data.tags["pngrow.grown_from_run"]
+            assert {"prune_ratio", "block_shape", "lr", "grow_steps"} <= set(trial.data.params)
+            history = client.get_metric_history(trial.info.run_id, "train/l1")
+            assert len(history) >= 5 and all(np.isfinite(m.value) for m in history)
+            assert "eval/psnr" in trial.data.metrics and 0 < trial.data.metrics["density"] <= 1
+        assert stage.data.metrics["eval/psnr"] == pytest.approx(summary["stages"][stage_index(stage)]["metrics"]["psnr"])
+    for task in ("x2", "x3"):
+        assert search.data.metrics[f"final/{task}/psnr"] > 20
+        assert search.data.metrics[f"drift/{task}"] == 0.0
+
+    # S3: every trial's and stage's checkpoint, and the pyfunc model, are in the bucket.
+    keys = [o["Key"] for page in services.s3.client().get_paginator("list_objects_v2").paginate(Bucket="pngrow")
+            for o in page.get("Contents", [])]
+    for run_id in trial_ids | {s.info.run_id for s in stages}:
+        assert any(run_id in k and k.endswith("checkpoint/weights.safetensors") for k in keys), run_id
+        assert any(run_id in k and k.endswith("checkpoint/model.json") for k in keys), run_id
+    assert any(k.endswith("MLmodel") for k in keys)
+
+    # Optuna: one study per stage in PostgreSQL, three complete trials each, two objectives.
+    storage = services.postgres.url("optuna")
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert [s.data.tags["pngrow.optuna_study"] for s in stages] == sorted(names, key=lambda n: n.split("-")[2])
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+        assert all(len(t.values) == 2 and t.user_attrs["mlflow_run_id"] in trial_ids for t in study.trials)
+    with psycopg.connect(storage) as conn:
+        assert conn.execute("select count(*) from trials").fetchone()[0] == 6
+
+    # Status shows the finished search; promote registers it, and the alias loads a model that restores each task.
+    assert main(["status", "--tracking-uri", services.mlflow.uri]) == 0
+    status = capsys.readouterr().out
+    assert search.info.run_id in status and "FINISHED" in status and "2/2 (x2,x3)" in status and "6/0/0" in status
+    assert main(["promote", summary["search_id"], "--name", "tiny-sisr", "--tracking-uri", services.mlflow.uri]) == 0
+    mlflow.set_tracking_uri(services.mlflow.uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-sisr@champion")
+    family, shared = load_model(client.download_artifacts(stages[-1].info.run_id, "checkpoint", str(tmp_path)))
+    image = skimage.data.astronaut()[100:148, 200:260]
+    for task, scale in (("x2", 2), ("x3", 3)):
+        out = model.predict({"task": task, "image": image})
+        restored = _image_array(out["image"][0])
+        assert restored.shape == (48 * scale, 60 * scale, 3)
+        expected, _ = family.restore(shared, task, torch.from_numpy(image.copy()).permute(2, 0, 1))
+        assert np.array_equal(restored, expected.permute(1, 2, 0).numpy())
+    version = client.get_model_version_by_alias("tiny-sisr", "champion")
+    assert version.tags["pngrow.search_id"] == search.info.run_id and version.tags["pngrow.tasks"] == "x2,x3"
+
+
+def stage_index(run) -> int:
+    return int(run.data.tags["pngrow.stage_index"])
