@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -94,7 +95,9 @@ class Tracking:
         from .. import __version__
 
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):
+        # MLflow asks for predict() type hints, which cannot describe a dict or DataFrame of encoded images.
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="shared_model",
                 python_model=str(_PYFUNC_CODE),

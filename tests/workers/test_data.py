@@ -55,3 +55,19 @@ def test_default_images_ship_with_scikit_image() -> None:
     assert len(train) == 4 and len(evaluation) == 2
     assert set(train.names).isdisjoint(evaluation.names)
     assert all(im.dtype == torch.uint8 and im.shape[0] == 3 for im in train.images + evaluation.images)
+
+
+def test_parquet_shards_load_beside_image_files(tmp_path: Path) -> None:
+    from pngrow.workers.data import ImageSet, write_shard
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (9, 11, 3), dtype=np.uint8) for _ in range(2)]
+    shard = ImageSet("test", ("a", "b"), tuple(torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays))
+    write_shard(shard, tmp_path / "part-0.parquet")
+    _save(tmp_path / "c.png", arrays[0])
+    loaded = load_folder(tmp_path)
+    assert loaded.names == ("c.png", "part-0.parquet:a", "part-0.parquet:b")
+    assert all(torch.equal(x, y) for x, y in zip(loaded.images[1:], shard.images))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 nonsense")
+    with pytest.raises(ValueError, match="cannot read Parquet shard '.*bad.parquet'"):
+        load_folder(tmp_path)

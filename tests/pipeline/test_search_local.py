@@ -1,0 +1,83 @@
+"""The embedded default: the README's tiny search with in-process Ray, MLflow in SQLite and Optuna in SQLite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import skimage.data
+
+from pngrow.pipeline.cli import main
+from pngrow.pipeline.search import union_seconds
+from pngrow.pipeline.shared_model import _image_array
+
+EXAMPLE = Path(__file__).parents[2] / "search_spaces" / "examples" / "tiny-sisr.yaml"
+
+
+def test_union_of_training_intervals() -> None:
+    assert union_seconds([]) == 0
+    assert union_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("family: sisr\ntasks: [x2]\nsearch_space: nic-tiny", "search space 'nic-tiny' is for family 'nic', not 'sisr'"),
+        ("family: sisr\ntasks: [x2]\nobjectives: {quality: ssim}", "quality objective 'ssim' is not one of sisr's"),
+        ("family: sisr\ntasks: [x2]\nselect: {rule: cheapest}", "selection rule 'cheapest' is not one of"),
+        ("family: sisr\ntasks: [x2, x5]", "SISR task 'x5' is not one of x2, x3, x4, x8"),
+        ("family: sisr\ntasks: [x2]\ndata: {train: /no/such/folder}", "data train folder '/no/such/folder' does not"),
+        ("family: sisr\ntasks: [x2]\narch: {widht: 8}", "unknown sisr architecture option 'widht'"),
+    ],
+)
+def test_bad_searches_fail_before_any_service_starts(tmp_path: Path, capsys, config: str, message: str) -> None:
+    path = tmp_path / "search.yaml"
+    path.write_text(config)
+    assert main(["search", str(path), "--workdir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_status_and_promote_without_a_store_say_so(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["status", "--workdir", str(tmp_path)]) == 2
+    assert "no pngrow tracking store" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_search_runs_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(EXAMPLE), "--json", "summary.json"]) == 0
+    summary = json.loads(Path("summary.json").read_text())
+    assert summary["trials"] == 6 and 0 <= summary["overhead"] < 1
+    runs = tmp_path / "pngrow-runs"
+    checkpoints = list((runs / "artifacts").glob("*/artifacts/checkpoint/weights.safetensors"))
+    assert len(checkpoints) == 6 + 2  # every trial and every stage
+    studies = optuna.get_all_study_summaries(f"sqlite:///{runs / 'optuna.db'}")
+    assert sorted(s.n_trials for s in studies) == [3, 3]
+    # The drift check ran: every earlier task is unchanged on the final model.
+    for stage in summary["stages"]:
+        assert summary["final_metrics"][stage["task"]]["psnr"] == stage["metrics"]["psnr"]
+    # The first stage grows from scratch, the second adds x3 at a lower cost than two separate models.
+    assert summary["stages"][1]["stored_params"] > summary["stages"][0]["stored_params"]
+    capsys.readouterr()
+
+    assert main(["status"]) == 0
+    assert "tiny-sisr" in capsys.readouterr().out
+    assert main(["promote", "tiny-sisr", "--name", "sisr-local", "--alias", "v1"]) == 2
+    assert "alias 'v1'" in capsys.readouterr().err
+    assert main(["promote", "tiny-sisr", "--name", "sisr-local"]) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/sisr-local@champion")
+    image = skimage.data.chelsea()[:40, :50]
+    for task, scale in (("x2", 2), ("x3", 3)):
+        assert _image_array(model.predict({"task": task, "image": image})["image"][0]).shape == (40 * scale, 50 * scale, 3)
+    with pytest.raises(ValueError, match="task 'x4' is not one of this model's tasks: x2, x3"):
+        model.predict({"task": "x4", "image": image})
+    assert np.asarray(image).dtype == np.uint8
