@@ -9,11 +9,16 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
-.PHONY: setup run test
+CONFIG ?= search_spaces/examples/tiny-sisr.yaml
+
+.PHONY: setup run search test
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(VENV)/bin/pngrow run $(ARGS)
+
+search: $(VENV)/.installed
+	$(VENV)/bin/pngrow search $(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

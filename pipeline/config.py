@@ -7,6 +7,7 @@ SQLite file and Optuna in another, both under ``workdir``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,20 @@ class SearchConfig:
 
 def _optional(raw: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
     value = raw.get(key)
-    return None if value is None else typed(value, f"{where} field {key!r}", kind)
+    if value is None:
+        return None
+    value = typed(value, f"{where} field {key!r}", kind)
+    return _expand(value, f"{where} field {key!r}") if isinstance(value, str) else value
+
+
+def _expand(value: str, field: str) -> str:
+    """``value`` with ``${VAR}`` replaced by the environment variable VAR (secrets stay out of the file)."""
+    def lookup(match: re.Match[str]) -> str:
+        if match.group(1) not in os.environ:
+            raise ConfigError(f"{field} uses ${{{match.group(1)}}}, which is not set in the environment")
+        return os.environ[match.group(1)]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lookup, value)
 
 
 def _positive(value: int, field: str) -> int:

@@ -36,7 +36,8 @@ def s3_client():  # noqa: ANN201 - boto3 clients have no importable type
     import boto3
 
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint)
+    # A fresh session reads the credentials now; boto3's default session would keep the first ones it saw.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint)
 
 
 def fetch_folder(uri: str, dest: str | Path) -> Path:

@@ -11,7 +11,8 @@ EXAMPLES = Path(__file__).parents[2] / "search_spaces" / "examples"
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
-def test_example_configs_load(path: Path) -> None:
+def test_example_configs_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PNGROW_DB", "postgresql://u:p@db/optuna")
     config = load_config(path)
     assert config.tasks and config.trials_per_stage >= 1
 
@@ -53,3 +54,13 @@ def test_invalid_configs_fail_with_one_line_naming_the_field(tmp_path: Path, tex
     with pytest.raises(ConfigError, match=message) as info:
         load_config(path)
     assert "\n" not in str(info.value)
+
+
+def test_environment_variables_fill_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "search.yaml"
+    path.write_text("family: sisr\ntasks: [x2]\noptuna_storage: postgresql://u:${DB_PASSWORD}@db/optuna\n")
+    monkeypatch.setenv("DB_PASSWORD", "s3cret")
+    assert load_config(path).optuna_storage == "postgresql://u:s3cret@db/optuna"
+    monkeypatch.delenv("DB_PASSWORD")
+    with pytest.raises(ConfigError, match=r"field 'optuna_storage' uses \$\{DB_PASSWORD\}, which is not set"):
+        load_config(path)
