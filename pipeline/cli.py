@@ -96,7 +96,105 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
     _tracking_options(promote)
     promote.set_defaults(handler=_promote)
+
+    grow = commands.add_parser("grow", help="grow new tasks into a released shared model, register the result")
+    grow.add_argument("--from", dest="base", required=True, metavar="URI",
+                      help="the released model: models:/NAME@ALIAS, models:/NAME/VERSION or a model folder")
+    grow.add_argument("--task", dest="tasks", action="append", required=True, help="a task to add (repeatable)")
+    grow.add_argument("--config", help="search config whose budget, space, data and services to use (its family, "
+                                       "tasks and arch are the base model's)")
+    grow.add_argument("--name", help="registered model for the new version (default: the base's, for models:/)")
+    grow.add_argument("--alias", help="alias to point at the new version (default: none moves)")
+    for flag in ("--tracking-uri", "--optuna-storage", "--ray-address", "--workdir", "--json"):
+        grow.add_argument(flag, help=search._option_string_actions[flag].help)
+    grow.add_argument("--quiet", action="store_true", help="print only the final summary")
+    grow.set_defaults(handler=_grow)
+
+    compress = commands.add_parser("compress", help="write the bitstream of an image at a NIC task's rate")
+    _model_options(compress)
+    compress.add_argument("--task", required=True, help="the rate, e.g. q4")
+    compress.add_argument("input", help="image file (PNG, JPEG, ...)")
+    compress.add_argument("output", help="bitstream file to write")
+    compress.set_defaults(handler=_compress)
+
+    decompress = commands.add_parser("decompress", help="decode a pngrow bitstream (its task is in its header)")
+    _model_options(decompress)
+    decompress.add_argument("input", help="bitstream file")
+    decompress.add_argument("output", help="PNG file to write")
+    decompress.set_defaults(handler=_decompress)
+
+    upscale = commands.add_parser("upscale", help="super-resolve an image with a SISR task")
+    _model_options(upscale)
+    which = upscale.add_mutually_exclusive_group(required=True)
+    which.add_argument("--scale", type=int, help="zoom factor, e.g. 3")
+    which.add_argument("--task", help="the task, e.g. x3")
+    upscale.add_argument("input", help="image file")
+    upscale.add_argument("output", help="PNG file to write")
+    upscale.set_defaults(handler=_upscale)
     return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="URI",
+                        help="a model folder, or models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/...")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI, "
+                                               "else ./pngrow-runs/mlflow.db)")
+    parser.add_argument("--tile", type=int, help="process in tiles of this many input pixels a side (default: "
+                                                 "whole images up to 1024x1024 pixels)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from .api import is_mlflow_uri, load_shared_model
+    from .config import SearchConfig
+
+    tracking = SearchConfig(family="", tasks=[]).resolved_tracking_uri() if is_mlflow_uri(args.model) else None
+    return load_shared_model(args.model, args.tracking_uri or tracking, device=args.device)
+
+
+def _read_image(path: str):  # noqa: ANN202
+    from ..workers.data import load_image
+
+    if not Path(path).is_file():
+        raise ValueError(f"input image {path!r} does not exist")
+    return load_image(path).permute(1, 2, 0).numpy()
+
+
+def _write_image(array, path: str) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _compress(args: argparse.Namespace) -> int:
+    image = _read_image(args.input)
+    model = _load(args)
+    data = model.compress(image, args.task, args.tile)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_bytes(data)
+    bpp = 8 * len(data) / (image.shape[0] * image.shape[1])
+    print(f"{args.output}: {len(data):,} bytes, {bpp:.4f} bpp ({args.task}, {model.version})")
+    return 0
+
+
+def _decompress(args: argparse.Namespace) -> int:
+    if not Path(args.input).is_file():
+        raise ValueError(f"bitstream {args.input!r} does not exist")
+    model = _load(args)
+    image = model.decompress(Path(args.input).read_bytes())
+    _write_image(image, args.output)
+    print(f"{args.output}: {image.shape[1]}x{image.shape[0]}")
+    return 0
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    image = _read_image(args.input)
+    model = _load(args)
+    out = model.upscale(image, task=args.task, scale=args.scale, tile=args.tile)
+    _write_image(out, args.output)
+    print(f"{args.output}: {out.shape[1]}x{out.shape[0]} from {image.shape[1]}x{image.shape[0]}")
+    return 0
 
 
 def _tracking_options(parser: argparse.ArgumentParser) -> None:
@@ -121,17 +219,59 @@ def _open_tracking(args: argparse.Namespace):  # noqa: ANN202 - imported lazily 
     return tracking
 
 
-def _search(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .search import run_search
+def _search_config(args: argparse.Namespace, path: str | None, **fields: Any):  # noqa: ANN202
+    """The search config from ``path`` (or defaults), with ``fields`` and the command line's service flags."""
+    from dataclasses import replace
+
+    from .config import SearchConfig, load_config
 
     overrides = {"workdir": args.workdir, "optuna_storage": args.optuna_storage}
-    config = load_config(args.config, overrides)
-    if args.tracking_uri or args.ray_address:
-        from dataclasses import replace
+    if path:
+        config = replace(load_config(path, {**overrides, **fields}), **fields)
+    else:
+        config = SearchConfig(**{**{k: v for k, v in overrides.items() if v is not None}, **fields})
+    return replace(config, tracking_uri=args.tracking_uri or config.tracking_uri,
+                   ray=replace(config.ray, address=args.ray_address or config.ray.address))
 
-        config = replace(config, tracking_uri=args.tracking_uri or config.tracking_uri,
-                         ray=replace(config.ray, address=args.ray_address or config.ray.address))
+
+def _search(args: argparse.Namespace) -> int:
+    result = _run_search(args, _search_config(args, args.config))
+    print(f"promote it: pngrow promote {result.search_id} --name NAME")
+    return 0
+
+
+def _grow(args: argparse.Namespace) -> int:
+    from .api import resolve_checkpoint
+    from .registry import promote
+    from .tracking import Tracking
+
+    name = args.name
+    if name is None:
+        if not args.base.startswith("models:/"):
+            raise ValueError(f"--name is needed to register a model grown from {args.base!r}")
+        name = args.base.removeprefix("models:/").partition("@")[0].partition("/")[0]
+    import tempfile
+
+    from ..workers.png import read_description
+
+    probe = _search_config(args, args.config, family="", tasks=list(args.tasks))
+    with tempfile.TemporaryDirectory(prefix="pngrow-grow-") as tmp:
+        folder, _ = resolve_checkpoint(args.base, tmp, probe.resolved_tracking_uri())
+        architecture = read_description(folder)["architecture"]
+    config = _search_config(args, args.config, family=architecture["family"], tasks=list(args.tasks), arch={},
+                            base_model=args.base, name=f"grow {','.join(args.tasks)} into {args.base}")
+    result = _run_search(args, config)
+    version = promote(Tracking(config.resolved_tracking_uri(), config.experiment), result.search_id, name,
+                      args.alias)
+    moved = f"; alias {args.alias} points at it" if args.alias else ""
+    print(f"registered {name} version {version.version} (tasks {version.tags['pngrow.tasks']}, grown from "
+          f"{version.tags['pngrow.grown_from_model']}){moved}")
+    return 0
+
+
+def _run_search(args: argparse.Namespace, config: Any):  # noqa: ANN202
+    from .search import run_search
+
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     result = run_search(config, log=log)
     summary = {
@@ -145,11 +285,10 @@ def _search(args: argparse.Namespace) -> int:
     }
     print(f"search {result.search_id} finished: {result.trials} trials in {result.wall_seconds:.1f} s, "
           f"{100 * result.overhead:.1f}% of it outside training; model {result.model_uri}")
-    print(f"promote it: pngrow promote {result.search_id} --name NAME")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    return result
 
 
 def _status(args: argparse.Namespace) -> int:

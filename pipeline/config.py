@@ -20,7 +20,7 @@ __all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "load_config"]
 
 COST_OBJECTIVES = ("density", "stored_params")
 _TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "objectives", "select", "seed",
-        "tracking", "optuna_storage", "ray", "workdir", "init"}
+        "tracking", "optuna_storage", "ray", "workdir", "init", "base_model"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class SearchConfig:
     ray: RayOptions = field(default_factory=RayOptions)
     workdir: str = "pngrow-runs"
     init: str | None = None  # dense safetensors weights task 1 starts from
+    base_model: str | None = None  # a released shared model (folder or models:/ URI) that ``tasks`` grow into
 
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in ``workdir``."""
@@ -174,4 +175,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         ray=ray_options,
         workdir=typed(raw.get("workdir", "pngrow-runs"), f"{where} field 'workdir'", str),
         init=_optional(raw, "init", where, str),
+        base_model=_optional(raw, "base_model", where, str),
     )

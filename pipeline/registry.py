@@ -46,13 +46,15 @@ def _model_uri(tracking: Tracking, run: Run) -> str:
         return tracking.log_shared_model(run.info.run_id, tracking.download_checkpoint(run.info.run_id, tmp))
 
 
-def promote(tracking: Tracking, ref: str, name: str, alias: str = "champion") -> ModelVersion:
-    """Register the shared model of ``ref`` (see :func:`resolve_run`) as a new version of ``name``, set ``alias``.
+def promote(tracking: Tracking, ref: str, name: str, alias: str | None = "champion") -> ModelVersion:
+    """Register the shared model of ``ref`` (see :func:`resolve_run`) as a new version of ``name``; point
+    ``alias`` (unless None) at it.
 
     The version's tags record its lineage: the run it came from, the search, the task order, and the model
     version it was grown from when the search grew a released model.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", alias) or re.fullmatch(r"latest|[vV][0-9]+", alias):
+    if alias is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", alias)
+                              or re.fullmatch(r"latest|[vV][0-9]+", alias)):
         raise ValueError(f"alias {alias!r} must be letters, digits, '_', '-' or '.', and not 'latest' or 'vN'")
     run = resolve_run(tracking, ref)
     uri = _model_uri(tracking, run)
@@ -67,5 +69,6 @@ def promote(tracking: Tracking, ref: str, name: str, alias: str = "champion") ->
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
     version = mlflow.register_model(uri, name, tags=lineage)
-    tracking.client.set_registered_model_alias(name, alias, version.version)
-    return version
+    if alias is not None:
+        tracking.client.set_registered_model_alias(name, alias, version.version)
+    return tracking.client.get_model_version(name, version.version)

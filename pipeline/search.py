@@ -67,15 +67,53 @@ class SearchResult:
 @dataclass(frozen=True)
 class _Plan:
     config: SearchConfig
-    family: Family
+    family: Family  # with every task: the base model's, then the searched ones
     space: SearchSpace
     quality: str
     maximize: bool
+    base: _Base | None = None
 
 
-def prepare(config: SearchConfig) -> _Plan:
-    """Check that the config's family, tasks, space, objectives and rule fit together, before any service starts."""
+@dataclass(frozen=True)
+class _Base:
+    """A released model the search grows into: its checkpoint, version label and tasks' fingerprints."""
+
+    folder: Path
+    label: str
+    fingerprints: dict[str, str]
+    source_run: str
+
+
+def _resolve_base(config: SearchConfig, scratch: Path) -> tuple[_Base, Family]:
+    from ..workers.models import load_model
+    from .api import resolve_checkpoint
+
+    folder, label = resolve_checkpoint(config.base_model or "", scratch, config.resolved_tracking_uri())
+    base_family, shared = load_model(folder)
+    if config.family != base_family.name:
+        raise ConfigError(f"base model {config.base_model!r} is a {base_family.name} model, not {config.family}")
+    clash = sorted(set(config.tasks) & set(shared.task_names))
+    if clash:
+        raise ConfigError(f"task {clash[0]!r} is already in base model {config.base_model!r}")
+    source_run = ""
+    if label.startswith("models:/"):
+        name, _, version = label.removeprefix("models:/").partition("/")
+        source_run = Tracking(config.resolved_tracking_uri()).client.get_model_version(name, version).run_id or ""
+    family = get_family(base_family.name, shared.task_names + config.tasks, **base_family.arch)
+    return _Base(folder, label, {t: shared.fingerprint(t) for t in shared.task_names}, source_run), family
+
+
+def prepare(config: SearchConfig, scratch: Path | None = None) -> _Plan:
+    """Check that the config's family, tasks, space, objectives and rule fit together, before any service starts.
+
+    With ``config.base_model``, the base is fetched into ``scratch`` and the family covers its tasks too.
+    """
     family = get_family(config.family, config.tasks, **config.arch)
+    base = None
+    if config.base_model:
+        if scratch is None:
+            raise ValueError("growing a base model needs a scratch folder to fetch it into")
+        base, family = _resolve_base(config, scratch)
     space = load_search_space(config.search_space or config.family)
     if space.family != family.name:
         raise ConfigError(f"search space {space.name!r} is for family {space.family!r}, not {family.name!r}")
@@ -90,7 +128,7 @@ def prepare(config: SearchConfig) -> _Plan:
             raise ConfigError(f"data {name} folder {source!r} does not exist")
     if config.init and not Path(config.init).is_file():
         raise ConfigError(f"init weights {config.init!r} do not exist")
-    return _Plan(config, family, space, quality, family.metric_directions[quality] == "maximize")
+    return _Plan(config, family, space, quality, family.metric_directions[quality] == "maximize", base)
 
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -116,15 +154,26 @@ def _flat_params(config: SearchConfig) -> dict[str, Any]:
 
 
 def run_search(config: SearchConfig, log: Log = print) -> SearchResult:
-    """Run a whole search; returns when the final shared model is logged. Failures mark the runs FAILED."""
-    plan = prepare(config)
+    """Run a whole search; returns when the final shared model is logged. Failures mark the runs FAILED.
+
+    With ``config.base_model`` the search grows ``config.tasks`` into that released model: its tasks come first,
+    unchanged (their fingerprints are checked at the end), and the lineage points at it.
+    """
+    with tempfile.TemporaryDirectory(prefix="pngrow-base-") as scratch:
+        return _run_search(prepare(config, Path(scratch)), log)
+
+
+def _run_search(plan: _Plan, log: Log) -> SearchResult:
+    config = plan.config
     start = time.time()
     if config.local_artifact_root():
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
     search_id = tracking.start_run(config.name, {"kind": "search", "family": config.family,
-                                                 "tasks": ",".join(config.tasks)})
+                                                 "tasks": ",".join(plan.family.tasks)})
     tracking.log(search_id, params=_flat_params(config), tags={"search_id": search_id})
+    if plan.base is not None:
+        tracking.log(search_id, tags={"grown_from_model": plan.base.label})
     tracking.client.log_dict(search_id, {**asdict(config), "search_space_resolved": plan.space.name},
                              "search_config.json")
     log(f"pngrow search {config.name!r}: id {search_id}, tracking {tracking.uri}")
@@ -135,9 +184,11 @@ def run_search(config: SearchConfig, log: Log = print) -> SearchResult:
             f"{min(config.parallel_trials, cluster.slots)} at a time")
         stages: list[StageSummary] = []
         intervals: list[tuple[float, float]] = []
-        for index, task in enumerate(config.tasks):
-            parent = stages[-1].run_id if stages else None
-            stages.append(_run_stage(plan, tracking, cluster, search_id, index, parent, intervals, log))
+        parent = _log_base(plan, tracking, search_id) if plan.base else None
+        for task in config.tasks:
+            stages.append(_run_stage(plan, tracking, cluster, search_id, plan.family.tasks.index(task), parent,
+                                     intervals, log))
+            parent = stages[-1].run_id
         final = _final_check(plan, tracking, cluster, search_id, stages, log)
         with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
             model_uri = tracking.log_shared_model(search_id, tracking.download_checkpoint(stages[-1].run_id, tmp))
@@ -161,14 +212,27 @@ def run_search(config: SearchConfig, log: Log = print) -> SearchResult:
             cluster.close()
 
 
+def _log_base(plan: _Plan, tracking: Tracking, search_id: str) -> str:
+    """A run holding the base model's checkpoint, which the first new stage grows from."""
+    assert plan.base is not None
+    tasks = plan.family.tasks[: len(plan.base.fingerprints)]
+    run = tracking.start_run(f"base: {plan.base.label}", {"kind": "base", "search_id": search_id,
+                                                          "task_order": ",".join(tasks),
+                                                          "grown_from_model": plan.base.label,
+                                                          "source_run": plan.base.source_run}, parent=search_id)
+    tracking.log_checkpoint(run, plan.base.folder)
+    tracking.end_run(run)
+    return run
+
+
 def _run_stage(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str, index: int, parent: str | None,
                intervals: list[tuple[float, float]], log: Log) -> StageSummary:
-    config, task = plan.config, plan.config.tasks[index]
+    config, task = plan.config, plan.family.tasks[index]
     study_name = f"pngrow-{search_id}-{index}-{task}"
     study = open_study(config.resolved_optuna_storage(), study_name, "maximize" if plan.maximize else "minimize",
                        config.seed + index)
     lineage = {"search_id": search_id, "task": task, "stage_index": index,
-               "task_order": ",".join(config.tasks[: index + 1]), "grown_from_run": parent or "",
+               "task_order": ",".join(plan.family.tasks[: index + 1]), "grown_from_run": parent or "",
                "optuna_study": study_name}
     stage_run = tracking.start_run(f"stage {index + 1}: {task}", {"kind": "stage", **lineage}, parent=search_id)
     try:
@@ -194,7 +258,7 @@ def _run_stage(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str
 def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: optuna.Study, stage_run: str, index: int,
                    parent: str | None, lineage: dict[str, Any], intervals: list[tuple[float, float]],
                    log: Log) -> StageSummary:
-    config, task = plan.config, plan.config.tasks[index]
+    config, task = plan.config, plan.family.tasks[index]
     dists = distributions(plan.space)
     study.enqueue_trial(plan.space.defaults(), skip_if_exists=True)
     pending: dict[Any, tuple[optuna.Trial, str]] = {}
@@ -210,7 +274,8 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
                                                                          "optuna_trial": trial.number},
                                         parent=stage_run)
             trial.set_user_attr("mlflow_run_id", run_id)
-            spec = TrialSpec(tracking.uri, run_id, config.family, config.tasks, config.arch, task, parent, settings,
+            spec = TrialSpec(tracking.uri, run_id, plan.family.name, plan.family.tasks, plan.family.arch, task, parent,
+                             settings,
                              config.train_data, config.eval_data, config.eval_limit,
                              config.init if parent is None else None, config.ray.cpus_per_trial, cluster.device)
             pending[cluster.submit(run_trial, spec)] = (trial, run_id)
@@ -248,15 +313,20 @@ def _describe(params: dict[str, Any]) -> str:
 
 def _final_check(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str, stages: list[StageSummary],
                  log: Log) -> dict[str, dict[str, float]]:
-    """Evaluate every task on the final model (on a worker) and check no earlier task changed."""
+    """Evaluate every task on the final model (on a worker) and check that no earlier task changed: each task's
+    fingerprint is the one it had when committed (or in the base model), and its metrics are the same."""
     config = plan.config
     spec = EvaluationSpec(tracking.uri, stages[-1].run_id, config.eval_data, config.eval_limit,
                           config.ray.cpus_per_trial, cluster.device)
-    final: dict[str, dict[str, float]] = cluster.result(cluster.submit(evaluate_model, spec))
-    metrics: dict[str, float] = {}
+    final: dict[str, dict[str, Any]] = cluster.result(cluster.submit(evaluate_model, spec))
+    committed = {**(plan.base.fingerprints if plan.base else {}), **{s.task: s.chosen.fingerprint for s in stages}}
+    for task, fingerprint in committed.items():
+        if final[task].pop("fingerprint") != fingerprint:
+            raise SearchError(f"task {task!r} changed after later tasks were grown (its fingerprint differs)")
+    tracking.log(search_id, tags={f"fingerprint.{t}": f for t, f in committed.items()})
+    metrics: dict[str, float] = {f"final/{t}/{k}": v for t, m in final.items() for k, v in m.items()}
     for stage in stages:
         drift = max(abs(final[stage.task][k] - v) for k, v in stage.chosen.metrics.items())
-        metrics.update({f"final/{stage.task}/{k}": v for k, v in final[stage.task].items()})
         metrics[f"drift/{stage.task}"] = drift
         if drift > DRIFT_TOLERANCE:
             tracking.log(search_id, metrics=metrics)

@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
+
+with warnings.catch_warnings():
+    # MLflow's own pyfunc loaders warn at import that they lack predict() type hints: not ours to fix.
+    warnings.simplefilter("ignore", UserWarning)
+    import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.utils.time import get_current_time_millis

@@ -54,6 +54,7 @@ class TrialOutcome:
     active_params: int
     macs: int
     stored_params: int
+    fingerprint: str  # of the task as committed (see SharedNetwork.fingerprint)
     train_started: float
     train_ended: float
     trial_seconds: float
@@ -96,18 +97,19 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     torch.set_num_threads(max(1, spec.threads))
     tracking = Tracking(spec.tracking_uri)
     settings = StageSettings(**spec.settings)
-    family = get_family(spec.family, spec.tasks, **spec.arch)
     with tempfile.TemporaryDirectory(prefix="pngrow-trial-") as tmp:
         scratch = Path(tmp)
         if spec.parent_run is None:
+            family = get_family(spec.family, spec.tasks, **spec.arch)
             initial = load_file(spec.init) if spec.init else None
             torch.manual_seed(settings.seed)
             shared = family.build_shared(initial)
         else:
-            parent_family, shared = load_model(tracking.download_checkpoint(spec.parent_run, scratch / "parent"))
-            if parent_family.architecture() != family.architecture():
-                raise ValueError(f"run {spec.parent_run}'s model {parent_family.architecture()} is not this "
-                                 f"search's {family.architecture()}")
+            torch.manual_seed(settings.seed)  # new task heads are initialised as the seed says
+            family, shared = load_model(tracking.download_checkpoint(spec.parent_run, scratch / "parent"), spec.tasks)
+            if family.arch != get_family(spec.family, spec.tasks, **spec.arch).arch:
+                raise ValueError(f"run {spec.parent_run}'s model {family.architecture()} is not this search's "
+                                 f"{spec.family} model {spec.arch}")
         shared.to(spec.device)
         train = load_images(spec.train_data, "train", scratch)
         evaluation = load_images(spec.eval_data, "eval", scratch).limit(spec.eval_limit)
@@ -125,7 +127,8 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
         family.save(shared.cpu(), scratch / "checkpoint")
         tracking.log_checkpoint(spec.run_id, scratch / "checkpoint")
     outcome = TrialOutcome(spec.run_id, spec.task, result.metrics, result.cost.density, result.cost.active_params,
-                           result.cost.macs, stored, started, ended, time.time() - begun)
+                           result.cost.macs, stored, shared.fingerprint(spec.task), started, ended,
+                           time.time() - begun)
     tracking.log(spec.run_id, metrics={**{f"eval/{k}": v for k, v in result.metrics.items()},
                                        "density": outcome.density, "active_params": outcome.active_params,
                                        "gmacs": outcome.macs / 1e9, "stored_params": stored,
@@ -133,8 +136,8 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     return outcome
 
 
-def evaluate_model(spec: EvaluationSpec) -> dict[str, dict[str, float]]:
-    """Every task's metrics (and density) on the checkpoint of ``spec.run_id``."""
+def evaluate_model(spec: EvaluationSpec) -> dict[str, dict[str, Any]]:
+    """Every task's metrics, density and fingerprint on the checkpoint of ``spec.run_id``."""
     torch.set_num_threads(max(1, spec.threads))
     with tempfile.TemporaryDirectory(prefix="pngrow-eval-") as tmp:
         checkpoint = Tracking(spec.tracking_uri).download_checkpoint(spec.run_id, Path(tmp) / "checkpoint")
@@ -144,6 +147,7 @@ def evaluate_model(spec: EvaluationSpec) -> dict[str, dict[str, float]]:
         result = {}
         for task in spec.tasks or shared.task_names:
             cost = task_cost(shared, task, *(x.to(shared.device) for x in family.cost_inputs(task)))
-            result[task] = {**family.evaluate(shared, task, evaluation), "density": cost.density}
+            result[task] = {**family.evaluate(shared, task, evaluation), "density": cost.density,
+                            "fingerprint": shared.fingerprint(task)}
     return result
 

@@ -145,8 +145,11 @@ class Family(ABC):
         return save_shared(shared, folder, self.architecture())
 
 
-def load_model(folder: str | Path) -> tuple[Family, SharedNetwork]:
+def load_model(folder: str | Path, tasks: list[str] | None = None) -> tuple[Family, SharedNetwork]:
     """The family and shared network saved in ``folder`` by :meth:`Family.save`.
+
+    ``tasks`` extends the saved task list with tasks still to grow (their heads are built fresh); it must start
+    with the saved tasks, in order.
 
     >>> try:
     ...     load_model("/nonexistent")
@@ -156,8 +159,10 @@ def load_model(folder: str | Path) -> tuple[Family, SharedNetwork]:
     """
     architecture = dict(read_description(folder)["architecture"])
     name = architecture.pop("family", None)
-    tasks = architecture.pop("tasks", None)
-    if name not in FAMILIES or not isinstance(tasks, list):
+    saved = architecture.pop("tasks", None)
+    if name not in FAMILIES or not isinstance(saved, list):
         raise CheckpointError(f"{folder}: the description names no known family and task list")
-    family = get_family(name, tasks, **architecture)
+    if tasks is not None and list(tasks[: len(saved)]) != saved:
+        raise ValueError(f"task list {','.join(tasks)!r} does not extend the saved model's {','.join(saved)!r}")
+    family = get_family(name, tasks or saved, **architecture)
     return family, load_shared(folder, lambda _: family.build_model())

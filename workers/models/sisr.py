@@ -107,6 +107,17 @@ class SISRFamily(Family):
     def check_task(self, task: str) -> None:
         scale_of(task)
 
+    def scale(self, task: str) -> int:
+        """The zoom factor of ``task``."""
+        return scale_of(task)
+
+    def task_for_scale(self, scale: int) -> str:
+        """This model's task that zooms by ``scale``."""
+        for task in self.tasks:
+            if scale_of(task) == scale:
+                return task
+        raise ValueError(f"scale {scale!r} is not one of this model's: {', '.join(str(scale_of(t)) for t in self.tasks)}")
+
     def patch_size(self, task: str) -> int:
         """Every scale trains on low-resolution patches of the same side, ``lr_patch``."""
         return self.arch["lr_patch"] * scale_of(task)

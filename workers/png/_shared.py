@@ -17,6 +17,7 @@ Choices where the paper is silent (stated here, in README, and configurable wher
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
@@ -316,6 +317,39 @@ class SharedNetwork(nn.Module):
         """Differentiable fraction of earlier blocks the in-progress task selects (0 when nothing is learned)."""
         values = [_BinaryStep.apply(layer.scores).mean() for layer in self.shared_layers() if layer.scores is not None]
         return torch.stack(values).mean() if values else torch.zeros(())
+
+    def fingerprint(self, name: str) -> str:
+        """SHA-256 of everything committed task ``name`` computes with: its effective weights, its task-local state
+        and its head. Growing later tasks leaves it unchanged; any other change to the task changes it.
+
+        >>> net = SharedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 3, 3)))
+        >>> net.begin_task("a", (4, 4)); net.prune(0.5); net.commit()
+        >>> before = net.fingerprint("a")
+        >>> net.begin_task("b", (4, 4)); net.prune(0.5); net.commit()
+        >>> net.fingerprint("a") == before != net.fingerprint("b")
+        True
+        """
+        index = self.task_index(name)
+        task = self.tasks[index]
+        if not task.committed:
+            raise RuntimeError(f"task {name!r} is in progress; only committed tasks have a fingerprint")
+        digest = hashlib.sha256()
+
+        def add(label: str, value: torch.Tensor) -> None:
+            data = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{label}:{data.dtype}:{tuple(value.shape)};".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+
+        with torch.no_grad():
+            for layer in self.shared_layers():
+                add(layer.name, layer.effective_weight(index, task))
+        for key in sorted(task.local_state):
+            add(key, task.local_state[key])
+        prefixes = tuple(f"{head}.{name}." for head in self.task_heads)
+        for key, value in sorted(_named_tensors(self.model), key=lambda kv: kv[0]):
+            if key.startswith(prefixes):
+                add(key, value)
+        return digest.hexdigest()
 
     # --- running ---------------------------------------------------------------------------------------------------
     def forward(self, task: str, *args: Any, **kwargs: Any) -> Any:

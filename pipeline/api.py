@@ -1,0 +1,142 @@
+"""The Python API: load a shared model from a folder or the MLflow Model Registry, restore images with it.
+
+>>> from pngrow import load_shared_model                     # doctest: +SKIP
+>>> model = load_shared_model("models:/sisr-shared@champion")  # doctest: +SKIP
+>>> big = model.upscale(image, scale=3)                       # HxWx3 uint8 in, 3H x 3W x 3 out  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..workers import restoration
+from ..workers.models import Family, load_model
+from ..workers.png import CheckpointError, SharedNetwork, read_description
+
+__all__ = ["RestorationModel", "is_mlflow_uri", "load_shared_model", "resolve_checkpoint"]
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    """Whether ``uri`` names a model MLflow resolves (``models:/``, ``runs:/`` or a remote URL), not a folder.
+
+    >>> is_mlflow_uri("models:/sisr@champion"), is_mlflow_uri("runs/sisr-model"), is_mlflow_uri("file:///m")
+    (True, False, False)
+    """
+    return uri.startswith(("models:/", "runs:/")) or ("://" in uri and not uri.startswith("file://"))
+
+
+def _tensor(image: Any) -> torch.Tensor:
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected a uint8 H x W x 3 image, got {array.dtype} {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def _array(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).contiguous().numpy()
+
+
+@dataclass
+class RestorationModel:
+    """A shared model and where it came from (``version``: ``models:/NAME/N``, a run or a folder)."""
+
+    family: Family
+    shared: SharedNetwork
+    version: str
+    progress: bool = True  # progress bars over tiles, shown only on a terminal
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.shared.task_names
+
+    def _bar(self, total: int, what: str) -> Any:
+        from .._progress import progress_bar
+
+        return progress_bar(total, what, enabled=self.progress and total > 1)
+
+    def upscale(self, image: Any, task: str | None = None, scale: int | None = None,
+                tile: int | None = None) -> np.ndarray:
+        """Super-resolve an H x W x 3 uint8 image with ``task`` (or the task of ``scale``)."""
+        if task is None:
+            if scale is None or not hasattr(self.family, "task_for_scale"):
+                raise ValueError("name a task, or a scale of a SISR model")
+            task = self.family.task_for_scale(scale)
+        x = _tensor(image)
+        count = len(list(restoration.tiles(x.shape[1], x.shape[2], restoration._auto_tile(x, tile))))
+        with self._bar(count, "tiles") as bar:
+            return _array(restoration.upscale(self.family, self.shared, task, x, tile, bar.update))
+
+    def compress(self, image: Any, task: str, tile: int | None = None) -> bytes:
+        """The pngrow bitstream of an H x W x 3 uint8 image at NIC ``task``'s rate."""
+        x = _tensor(image)
+        count = len(list(restoration.tiles(x.shape[1], x.shape[2], restoration._auto_tile(x, tile))))
+        with self._bar(count, "tiles") as bar:
+            return restoration.encode(self.family, self.shared, task, x, self.version, tile, bar.update)
+
+    def decompress(self, data: bytes) -> np.ndarray:
+        """The image of a pngrow bitstream (its task is read from the header)."""
+        header = restoration.read_header(data)
+        count = len(list(restoration.tiles(header["height"], header["width"], header["tile"])))
+        with self._bar(count, "tiles") as bar:
+            return _array(restoration.decode(self.family, self.shared, data, bar.update)[1])
+
+    def restore(self, image: Any, task: str) -> np.ndarray:
+        """What ``task`` makes of the image: upscaled (SISR) or coded and decoded (NIC)."""
+        if hasattr(self.family, "compress"):
+            return self.decompress(self.compress(image, task))
+        return self.upscale(image, task)
+
+
+def resolve_checkpoint(uri: str, dest: str | Path, tracking_uri: str | None = None) -> tuple[Path, str]:
+    """The checkpoint folder of ``uri`` (downloaded into ``dest`` when remote) and a label of its version.
+
+    ``uri``: a checkpoint folder (``model.json`` + ``weights.safetensors``), a pyfunc model folder, or an MLflow
+    URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/...``).
+    """
+    if not is_mlflow_uri(uri):
+        path = Path(uri.removeprefix("file://"))
+        for candidate in (path, path / "artifacts" / "checkpoint"):
+            if (candidate / "model.json").is_file():
+                read_description(candidate)
+                return candidate, str(path.resolve())
+        raise CheckpointError(f"{uri!r} is neither a pngrow model folder nor a pngrow pyfunc model")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from . import tracking  # noqa: F401 - imports MLflow's pyfunc quietly
+
+    label = uri
+    if tracking_uri:
+        # models:/ URIs resolve through the registry URI, which MLflow does not take from ``tracking_uri``.
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        if uri.startswith("models:/"):
+            name, _, ref = uri.removeprefix("models:/").partition("@")
+            if ref:
+                client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                label = f"models:/{name}/{client.get_model_version_by_alias(name, ref).version}"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
+                                                         tracking_uri=tracking_uri))
+    except MlflowException as exc:
+        raise ValueError(f"cannot load model {uri!r}: {str(exc).splitlines()[0]}") from None
+    for candidate in (local, local / "artifacts" / "checkpoint", local / "checkpoint"):
+        if (candidate / "model.json").is_file():
+            return candidate, label
+    raise CheckpointError(f"{uri!r} is not a pngrow shared model (no checkpoint in it)")
+
+
+def load_shared_model(uri: str, tracking_uri: str | None = None, device: str = "cpu",
+                      progress: bool = True) -> RestorationModel:
+    """Load a shared model from a folder or MLflow (see :func:`resolve_checkpoint`) for restoring images."""
+    with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
+        folder, version = resolve_checkpoint(uri, tmp, tracking_uri)
+        family, shared = load_model(folder)
+    shared.to(device).eval()
+    return RestorationModel(family, shared, version, progress)

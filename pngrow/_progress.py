@@ -1,0 +1,16 @@
+"""Progress bars on long work, drawn only when standard error is a terminal (quiet in logs and CI)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = ["progress_bar"]
+
+
+def progress_bar(total: int, unit: str, description: str = "", enabled: bool = True) -> Any:
+    """A tqdm bar of ``total`` ``unit``; disabled (updates are no-ops) off a terminal or when not ``enabled``."""
+    return tqdm(total=total, unit=f" {unit}", desc=description, disable=not (enabled and sys.stderr.isatty()),
+                leave=False, dynamic_ncols=True)
