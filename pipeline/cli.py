@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--quiet", action="store_true", help="print only the final summary")
     grow.set_defaults(handler=_grow)
 
+    report = commands.add_parser("report", help="draw a search's pictures: block sharing, quality vs cost, Pareto")
+    report.add_argument("run", metavar="SEARCH", help="a search's id or name")
+    report.add_argument("--out", help="folder for the pictures (default report-<search id>)")
+    report.add_argument("--baseline", help="JSON of separate-model figures per task to draw beside (bench output)")
+    _tracking_options(report)
+    report.set_defaults(handler=_report)
+
     compress = commands.add_parser("compress", help="write the bitstream of an image at a NIC task's rate")
     _model_options(compress)
     compress.add_argument("--task", required=True, help="the rate, e.g. q4")
@@ -165,6 +172,20 @@ def _write_image(array, path: str) -> None:  # noqa: ANN001
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .registry import resolve_run
+    from .report import build_report, load_baseline
+
+    tracking = _open_tracking(args)
+    run = resolve_run(tracking, args.run)
+    if run.data.tags.get("pngrow.kind") != "search":
+        raise ValueError(f"run {args.run!r} is a {run.data.tags.get('pngrow.kind', 'non-pngrow')} run, not a search")
+    out = Path(args.out or f"report-{run.info.run_id[:8]}")
+    for path in build_report(tracking, run, out, load_baseline(args.baseline)):
+        print(path)
+    return 0
 
 
 def _compress(args: argparse.Namespace) -> int:

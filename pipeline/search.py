@@ -171,7 +171,8 @@ def _run_search(plan: _Plan, log: Log) -> SearchResult:
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
     search_id = tracking.start_run(config.name, {"kind": "search", "family": config.family,
                                                  "tasks": ",".join(plan.family.tasks)})
-    tracking.log(search_id, params=_flat_params(config), tags={"search_id": search_id})
+    tracking.log(search_id, params=_flat_params(config),
+                 tags={"search_id": search_id, "quality": plan.quality, "cost": config.cost})
     if plan.base is not None:
         tracking.log(search_id, tags={"grown_from_model": plan.base.label})
     tracking.client.log_dict(search_id, {**asdict(config), "search_space_resolved": plan.space.name},
@@ -201,6 +202,7 @@ def _run_search(plan: _Plan, log: Log) -> SearchResult:
                                          "orchestration_overhead": result.overhead,
                                          "slot_utilisation": result.utilisation, "trials": result.trials},
                      tags={"final_stage_run": stages[-1].run_id})
+        _log_report(tracking, search_id, log)
         tracking.end_run(search_id)
         return result
     except BaseException as exc:
@@ -210,6 +212,20 @@ def _run_search(plan: _Plan, log: Log) -> SearchResult:
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _log_report(tracking: Tracking, search_id: str, log: Log) -> None:
+    """Draw the search's pictures into its run (``report/``); a drawing failure is logged, not fatal."""
+    from .report import build_report
+
+    with tempfile.TemporaryDirectory(prefix="pngrow-report-") as tmp:
+        try:
+            build_report(tracking, tracking.run(search_id), Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - the model is logged already; pictures must not lose it
+            tracking.log(search_id, tags={"report_error": f"{type(exc).__name__}: {exc}"[:5000]})
+            log(f"could not draw the report: {type(exc).__name__}: {exc}")
+            return
+        tracking.client.log_artifacts(search_id, tmp, "report")
 
 
 def _log_base(plan: _Plan, tracking: Tracking, search_id: str) -> str:

@@ -1,0 +1,80 @@
+"""compress / decompress / upscale from the command line, on model folders that `pngrow run --out` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from pngrow import load_shared_model
+from pngrow.pipeline.cli import main
+
+TINY = ["--grow-steps", "2", "--prune-steps", "2", "--finetune-steps", "1", "--batch-size", "2", "--eval-limit", "1",
+        "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    assert main(["run", "--family", "nic", "--tasks", "q6,q2", "--arch", "N=16", "--arch", "M=16", "--arch",
+                 "patch=64", "--out", str(root / "nic"), *TINY]) == 0
+    assert main(["run", "--family", "sisr", "--tasks", "x2,x3", "--arch", "width=8", "--arch", "depth=1", "--arch",
+                 "lr_patch=8", "--out", str(root / "sisr"), *TINY]) == 0
+    return {"nic": root / "nic", "sisr": root / "sisr"}
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    Image.fromarray(skimage.data.astronaut()[:96, :130]).save(path)
+    return path
+
+
+def test_compress_then_decompress_at_every_rate(models, photo: Path, tmp_path: Path, capsys) -> None:
+    model = load_shared_model(str(models["nic"]))
+    original = np.array(Image.open(photo))
+    for task in ("q6", "q2"):
+        bitstream, restored = tmp_path / f"{task}.bin", tmp_path / f"{task}.png"
+        assert main(["compress", "--model", str(models["nic"]), "--task", task, str(photo), str(bitstream)]) == 0
+        assert "bpp" in capsys.readouterr().out
+        assert main(["decompress", "--model", str(models["nic"]), str(bitstream), str(restored)]) == 0
+        decoded = np.array(Image.open(restored))
+        assert decoded.shape == original.shape
+        assert np.array_equal(decoded, model.restore(original, task))
+        assert np.array_equal(decoded, model.decompress(bitstream.read_bytes()))
+
+
+def test_upscale_at_every_scale_in_tiles_or_whole(models, photo: Path, tmp_path: Path) -> None:
+    for scale in (2, 3):
+        whole, tiled = tmp_path / f"x{scale}.png", tmp_path / f"x{scale}-tiled.png"
+        assert main(["upscale", "--model", str(models["sisr"]), "--scale", str(scale), str(photo), str(whole)]) == 0
+        assert main(["upscale", "--model", str(models["sisr"]), "--task", f"x{scale}", "--tile", "40", str(photo),
+                     str(tiled)]) == 0
+        a, b = np.array(Image.open(whole)).astype(int), np.array(Image.open(tiled)).astype(int)
+        assert a.shape == (96 * scale, 130 * scale, 3)
+        assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["upscale", "--model", "{sisr}", "--scale", "4", "{photo}", "o.png"], "scale 4 is not one of this model's: 2, 3"),
+        (["compress", "--model", "{sisr}", "--task", "x2", "{photo}", "o.bin"], "family 'sisr' does not compress"),
+        (["compress", "--model", "{nic}", "--task", "q4", "{photo}", "o.bin"], "unknown task 'q4'"),
+        (["compress", "--model", "{nic}", "--task", "q6", "missing.png", "o.bin"], "input image 'missing.png' does not"),
+        (["decompress", "--model", "{nic}", "{photo}", "o.png"], "not a pngrow bitstream"),
+        (["upscale", "--model", "/no/model", "--scale", "2", "{photo}", "o.png"], "'/no/model' is neither a pngrow"),
+        (["upscale", "--model", "{sisr}", "--scale", "2", "--tile", "0", "{photo}", "o.png"], "tile 0 must be at least"),
+    ],
+)
+def test_bad_restore_input_fails_with_one_line(models, photo: Path, tmp_path: Path, monkeypatch, capsys,
+                                               args: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    filled = [a.format(sisr=models["sisr"], nic=models["nic"], photo=photo) for a in args]
+    assert main(filled) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.glob("o.*"))
