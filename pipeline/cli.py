@@ -290,11 +290,17 @@ def _grow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logger(quiet: bool):  # noqa: ANN202
+    """Print progress lines (above any progress bar), or nothing when ``quiet``."""
+    from tqdm import tqdm
+
+    return (lambda message: None) if quiet else (lambda message: tqdm.write(message))
+
+
 def _run_search(args: argparse.Namespace, config: Any):  # noqa: ANN202
     from .search import run_search
 
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
-    result = run_search(config, log=log)
+    result = run_search(config, log=_logger(args.quiet))
     summary = {
         "search_id": result.search_id, "name": result.name, "model_uri": result.model_uri,
         "wall_seconds": result.wall_seconds, "train_seconds": result.train_seconds, "overhead": result.overhead,
@@ -357,11 +363,21 @@ def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     train = load_folder(args.data) if args.data else default_images("train")
     evaluation = (load_folder(args.eval_data) if args.eval_data else default_images("eval")).limit(args.eval_limit)
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    log = _logger(args.quiet)
     log(f"pngrow run: {family.name} tasks {','.join(tasks)} on {len(train)} training images from {train.source}, "
         f"evaluating on {len(evaluation)} from {evaluation.source}")
     initial = _read_state_dict(args.init) if args.init else None
-    result = train_shared(family, settings, train, evaluation, log=log, device=args.device, initial=initial)
+    from .._progress import progress_bar
+
+    done = {task: 0 for task in tasks}
+    with progress_bar(sum(s.total_steps for s in settings), "steps", "training") as bar:
+
+        def on_step(task: str, step: int, figures: dict[str, float]) -> None:
+            bar.update(step + 1 - done[task])
+            done[task] = step + 1
+
+        result = train_shared(family, settings, train, evaluation, log=log, device=args.device, initial=initial,
+                              on_step=on_step)
     report = result.as_dict()
     print(format_table(report))
     if args.json:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import optuna
 
+from .._progress import progress_bar
 from ..errors import ConfigError, SearchError
 from ..search_spaces import SearchSpace, load_search_space
 from ..workers.models import Family, get_family
@@ -281,44 +282,45 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
     outcomes: dict[int, TrialOutcome] = {}
     asked = failed = 0
     parallel = min(config.parallel_trials, cluster.slots)
-    while asked < config.trials_per_stage or pending:
-        while asked < config.trials_per_stage and len(pending) < parallel:
-            trial = study.ask(dists)
-            asked += 1
-            settings = asdict(plan.space.settings(trial.params, seed=config.seed + index))
-            run_id = tracking.start_run(f"{task} trial {trial.number}", {"kind": "trial", **lineage,
-                                                                         "optuna_trial": trial.number},
-                                        parent=stage_run)
-            trial.set_user_attr("mlflow_run_id", run_id)
-            spec = TrialSpec(tracking.uri, run_id, plan.family.name, plan.family.tasks, plan.family.arch, task, parent,
-                             settings,
-                             config.train_data, config.eval_data, config.eval_limit,
-                             config.init if parent is None else None, config.ray.cpus_per_trial, cluster.device)
-            pending[cluster.submit(run_trial, spec)] = (trial, run_id)
-        ref = cluster.wait_one(list(pending))
-        trial, run_id = pending.pop(ref)
-        try:
-            outcome: TrialOutcome = cluster.result(ref)
-        except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
-            failed += 1
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            tracking.log(run_id, tags={"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:5000]})
-            tracking.end_run(run_id, "FAILED")
-            log(f"[{task}] trial {trial.number} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-            continue
-        outcomes[trial.number] = outcome
-        intervals.append((outcome.train_started, outcome.train_ended))
-        study.tell(trial, [outcome.metrics[plan.quality], outcome.cost(config.cost)])
-        tracking.end_run(run_id)
-        log(f"[{task}] trial {trial.number} ({len(outcomes) + failed}/{config.trials_per_stage}) "
-            f"{_describe(trial.params)}: {plan.quality}={outcome.metrics[plan.quality]:.4g} "
-            f"density={outcome.density:.3f} in {outcome.trial_seconds:.1f} s")
+    with progress_bar(config.trials_per_stage, "trials", f"stage {task}") as bar:
+        while asked < config.trials_per_stage or pending:
+            while asked < config.trials_per_stage and len(pending) < parallel:
+                trial = study.ask(dists)
+                asked += 1
+                settings = asdict(plan.space.settings(trial.params, seed=config.seed + index))
+                run_id = tracking.start_run(f"{task} trial {trial.number}",
+                                            {"kind": "trial", **lineage, "optuna_trial": trial.number},
+                                            parent=stage_run)
+                trial.set_user_attr("mlflow_run_id", run_id)
+                spec = TrialSpec(tracking.uri, run_id, plan.family.name, plan.family.tasks, plan.family.arch, task,
+                                 parent, settings, config.train_data, config.eval_data, config.eval_limit,
+                                 config.init if parent is None else None, config.ray.cpus_per_trial, cluster.device)
+                pending[cluster.submit(run_trial, spec)] = (trial, run_id)
+            ref = cluster.wait_one(list(pending))
+            trial, run_id = pending.pop(ref)
+            bar.update(1)
+            try:
+                outcome: TrialOutcome = cluster.result(ref)
+            except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
+                failed += 1
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tracking.log(run_id, tags={"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:5000]})
+                tracking.end_run(run_id, "FAILED")
+                log(f"[{task}] trial {trial.number} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                continue
+            outcomes[trial.number] = outcome
+            intervals.append((outcome.train_started, outcome.train_ended))
+            study.tell(trial, [outcome.metrics[plan.quality], outcome.cost(config.cost)])
+            tracking.end_run(run_id)
+            log(f"[{task}] trial {trial.number} ({len(outcomes) + failed}/{config.trials_per_stage}) "
+                f"{_describe(trial.params)}: {plan.quality}={outcome.metrics[plan.quality]:.4g} "
+                f"density={outcome.density:.3f} in {outcome.trial_seconds:.1f} s")
     candidates = [Candidate(n, o.metrics[plan.quality], o.cost(config.cost), o.run_id) for n, o in outcomes.items()]
     try:
         chosen = select(config.rule, candidates, plan.maximize, config.tolerance)
     except ValueError as exc:
         raise SearchError(f"stage {index + 1} ({task}): {exc}; every trial failed (see the trial runs' "
-                           f"pngrow.error tags)") from None
+                          f"pngrow.error tags)") from None
     front = pareto_front(candidates, plan.maximize)
     return StageSummary(task, stage_run, study.study_name, outcomes[chosen.number], len(outcomes), failed, front)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = ["progress_bar"]
 
 
-def progress_bar(total: int, unit: str, description: str = "", enabled: bool = True) -> Any:
-    """A tqdm bar of ``total`` ``unit``; disabled (updates are no-ops) off a terminal or when not ``enabled``."""
-    return tqdm(total=total, unit=f" {unit}", desc=description, disable=not (enabled and sys.stderr.isatty()),
-                leave=False, dynamic_ncols=True)
+def progress_bar(total: int, unit: str, description: str = "", enabled: bool = True, file: Any = None) -> Any:
+    """A tqdm bar of ``total`` ``unit`` on standard error; disabled (updates are no-ops) off a terminal or when
+    not ``enabled``."""
+    stream = file or sys.stderr
+    return tqdm(total=total, unit=f" {unit}", desc=description, disable=not (enabled and stream.isatty()),
+                leave=False, dynamic_ncols=True, file=stream)

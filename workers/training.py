@@ -197,10 +197,12 @@ def train_shared(
     log: Log = print,
     device: str = "cpu",
     initial: dict[str, torch.Tensor] | None = None,
+    on_step: Callable[[str, int, dict[str, float]], None] | None = None,
 ) -> JobResult:
     """Run one stage per task of ``family`` in order, then evaluate every task on the final shared network.
 
     Task 1 starts from ``initial`` (a dense state dict of the family's model) when given, else from scratch.
+    ``on_step(task, step, figures)`` is called about ten times per stage.
 
     Raises ``AssertionError`` if an earlier task's metrics changed after later tasks were added (they cannot,
     by construction; this is the end-to-end check of that guarantee).
@@ -214,7 +216,8 @@ def train_shared(
     torch.manual_seed(settings[0].seed)  # the model's initialisation is part of what a seed reproduces
     shared = family.build_shared(initial).to(device)
     stages = [
-        run_stage(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log)
+        run_stage(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log,
+                  None if on_step is None else lambda step, figures, task=task: on_step(task, step, figures))
         for i, (task, s) in enumerate(zip(family.tasks, settings))
     ]
     final = {task: family.evaluate(shared, task, eval_images) for task in family.tasks}

@@ -75,6 +75,8 @@ def test_tiny_search_on_real_services(services, tmp_path: Path, monkeypatch: pyt
         assert any(run_id in k and k.endswith("checkpoint/weights.safetensors") for k in keys), run_id
         assert any(run_id in k and k.endswith("checkpoint/model.json") for k in keys), run_id
     assert any(k.endswith("MLmodel") for k in keys)
+    for picture in ("sharing.png", "quality_cost.png", "pareto_x2.png", "pareto_x3.png"):
+        assert any(search.info.run_id in k and k.endswith(f"report/{picture}") for k in keys), picture
 
     # Optuna: one study per stage in PostgreSQL, three complete trials each, two objectives.
     storage = services.postgres.url("optuna")
