@@ -16,7 +16,16 @@ import yaml
 
 from .._validation import ConfigError, check_keys, typed
 
-__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "load_config"]
+__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "load_config", "redact"]
+
+
+def redact(uri: str | None) -> str | None:
+    """``uri`` with any password (``scheme://user:password@host``) replaced, for logs, params and tags.
+
+    >>> redact("postgresql://pngrow:s3cret@db:5432/optuna")
+    'postgresql://pngrow:***@db:5432/optuna'
+    """
+    return None if uri is None else re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", uri)
 
 COST_OBJECTIVES = ("density", "stored_params")
 _TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "objectives", "select", "seed",

@@ -10,6 +10,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
 from ..errors import SearchError
+from .config import redact
 from .tracking import TAG, Tracking
 
 __all__ = ["promote", "resolve_run"]
@@ -23,7 +24,7 @@ def resolve_run(tracking: Tracking, ref: str) -> Run:
         try:
             return tracking.run(ref)
         except mlflow.exceptions.MlflowException:
-            raise ValueError(f"run {ref!r} does not exist at {tracking.uri!r}") from None
+            raise ValueError(f"run {ref!r} does not exist at {redact(tracking.uri)!r}") from None
     runs = [r for r in tracking.runs(f"tags.`{TAG}kind` = 'search'") if r.info.run_name == ref]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if not finished:

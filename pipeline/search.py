@@ -20,7 +20,7 @@ from ..errors import ConfigError, SearchError
 from ..search_spaces import SearchSpace, load_search_space
 from ..workers.models import Family, get_family
 from .cluster import Cluster
-from .config import SearchConfig
+from .config import SearchConfig, redact
 from .study import RULES, Candidate, distributions, open_study, pareto_front, select
 from .tracking import Tracking
 from .trial import EvaluationSpec, TrialOutcome, TrialSpec, evaluate_model, run_trial
@@ -146,10 +146,19 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _public(config: SearchConfig) -> dict[str, Any]:
+    """The config as a dict with every URI's password redacted (what MLflow may record)."""
+    data = asdict(config)
+    for key in ("tracking_uri", "optuna_storage", "train_data", "eval_data", "base_model"):
+        data[key] = redact(data[key])
+    data["ray"]["address"] = redact(data["ray"]["address"])
+    return data
+
+
 def _flat_params(config: SearchConfig) -> dict[str, Any]:
-    params = {k: v for k, v in asdict(config).items() if k not in ("ray", "arch", "tasks")}
+    params = {k: v for k, v in _public(config).items() if k not in ("ray", "arch", "tasks")}
     params.update({f"arch.{k}": v for k, v in config.arch.items()})
-    params.update({f"ray.{k}": v for k, v in asdict(config.ray).items()})
+    params.update({f"ray.{k}": v for k, v in _public(config)["ray"].items()})
     params["tasks"] = ",".join(config.tasks)
     return params
 
@@ -176,9 +185,9 @@ def _run_search(plan: _Plan, log: Log) -> SearchResult:
                  tags={"search_id": search_id, "quality": plan.quality, "cost": config.cost})
     if plan.base is not None:
         tracking.log(search_id, tags={"grown_from_model": plan.base.label})
-    tracking.client.log_dict(search_id, {**asdict(config), "search_space_resolved": plan.space.name},
+    tracking.client.log_dict(search_id, {**_public(config), "search_space_resolved": plan.space.name},
                              "search_config.json")
-    log(f"pngrow search {config.name!r}: id {search_id}, tracking {tracking.uri}")
+    log(f"pngrow search {config.name!r}: id {search_id}, tracking {redact(tracking.uri)}")
     cluster: Cluster | None = None
     try:
         cluster = Cluster(config.ray)

@@ -8,12 +8,13 @@ checkpoint this one started from), ``chosen_trial_run`` (on a stage), ``optuna_s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import mlflow
 
@@ -34,6 +35,24 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 TAG = "pngrow."
 _BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 _PYFUNC_CODE = Path(__file__).with_name("shared_model.py")
+
+
+@contextlib.contextmanager
+def _without_type_hint_advice() -> Iterator[None]:
+    """Drop MLflow's advice to add predict() type hints while a model is logged. MLflow forces that warning on
+    (``simplefilter("once")`` inside), so a filter cannot; the hints it wants cannot describe a dict or DataFrame of
+    encoded images. Every other warning is shown as usual."""
+    show = warnings.showwarning
+
+    def filtered(message: Any, *args: Any, **kwargs: Any) -> None:
+        if "type hints to the `predict` method" not in str(message):
+            show(message, *args, **kwargs)
+
+    warnings.showwarning = filtered
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def metric_key(*parts: str) -> str:
@@ -100,9 +119,7 @@ class Tracking:
         from .. import __version__
 
         mlflow.set_tracking_uri(self.uri)
-        # MLflow asks for predict() type hints, which cannot describe a dict or DataFrame of encoded images.
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        with mlflow.start_run(run_id=run_id), _without_type_hint_advice():
             info = mlflow.pyfunc.log_model(
                 name="shared_model",
                 python_model=str(_PYFUNC_CODE),

@@ -89,6 +89,18 @@ def test_tiny_search_on_real_services(services, tmp_path: Path, monkeypatch: pyt
     with psycopg.connect(storage) as conn:
         assert conn.execute("select count(*) from trials").fetchone()[0] == 6
 
+    # No secret reaches MLflow: not in any run's params or tags, not in any text artifact, not in the output.
+    secrets = [services.postgres.password, services.s3.secret_key]
+    records = [json.dumps([r.data.params, r.data.tags]) for r in _runs(client, experiment, "")]
+    for key in keys:
+        if key.endswith((".json", ".yaml", "MLmodel", ".txt")):
+            records.append(services.s3.client().get_object(Bucket="pngrow", Key=key)["Body"].read().decode())
+    records.append(json.dumps(summary))
+    printed = capsys.readouterr()
+    records += [printed.out, printed.err]
+    assert records and not [s for s in secrets for r in records if s in r]
+    assert "postgresql://pngrow:***@" in search.data.params["optuna_storage"]
+
     # Status shows the finished search; promote registers it, and the alias loads a model that restores each task.
     assert main(["status", "--tracking-uri", services.mlflow.uri]) == 0
     status = capsys.readouterr().out
