@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quiet", action="store_true", help="print only the final summary")
     search.set_defaults(handler=_search)
 
+    resume = commands.add_parser("resume", help="continue a search whose driver died, keeping its finished work")
+    resume.add_argument("search_id", help="the search's id (pngrow status lists them)")
+    resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./pngrow-runs)")
+    resume.add_argument("--workdir", default="pngrow-runs", help="folder of the local default tracking store")
+    resume.add_argument("--optuna-storage", help="Optuna storage URL, needed when the search's had a password")
+    resume.add_argument("--ray-address", help="Ray cluster address (default: the search's)")
+    resume.add_argument("--json", help="write the search's summary here")
+    resume.add_argument("--quiet", action="store_true", help="print only the final summary")
+    resume.set_defaults(handler=_resume)
+
     status = commands.add_parser("status", help="running and finished searches, their stages and progress")
     _tracking_options(status)
     status.add_argument("--limit", type=int, default=20, help="newest searches to show (default 20)")
@@ -261,6 +271,14 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    from .config import SearchConfig
+
+    uri = SearchConfig(family="", tasks=[], tracking_uri=args.tracking_uri, workdir=args.workdir).resolved_tracking_uri()
+    _run_search(args, None, resume=(args.search_id, uri))
+    return 0
+
+
 def _grow(args: argparse.Namespace) -> int:
     from .api import resolve_checkpoint
     from .registry import promote
@@ -297,10 +315,13 @@ def _logger(quiet: bool):  # noqa: ANN202
     return (lambda message: None) if quiet else (lambda message: tqdm.write(message))
 
 
-def _run_search(args: argparse.Namespace, config: Any):  # noqa: ANN202
-    from .search import run_search
+def _run_search(args: argparse.Namespace, config: Any, resume: tuple[str, str] | None = None):  # noqa: ANN202
+    from .search import resume_search, run_search
 
-    result = run_search(config, log=_logger(args.quiet))
+    if resume is None:
+        result = run_search(config, log=_logger(args.quiet))
+    else:
+        result = resume_search(resume[0], resume[1], _logger(args.quiet), args.optuna_storage, args.ray_address)
     summary = {
         "search_id": result.search_id, "name": result.name, "model_uri": result.model_uri,
         "wall_seconds": result.wall_seconds, "train_seconds": result.train_seconds, "overhead": result.overhead,

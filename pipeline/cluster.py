@@ -81,7 +81,8 @@ class Cluster:
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
-            raise exc.as_instanceof_cause() from None
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, Exception) else exc.as_instanceof_cause()) from None
 
     def close(self) -> None:
         ray.shutdown()

@@ -7,9 +7,10 @@ rule picks one finished trial per stage from quality and cost (see :mod:`pngrow.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,12 +21,13 @@ from ..errors import ConfigError, SearchError
 from ..search_spaces import SearchSpace, load_search_space
 from ..workers.models import Family, get_family
 from .cluster import Cluster
-from .config import SearchConfig, redact
+from .config import RayOptions, SearchConfig, redact
 from .study import RULES, Candidate, distributions, open_study, pareto_front, select
 from .tracking import Tracking
 from .trial import EvaluationSpec, TrialOutcome, TrialSpec, evaluate_model, run_trial
 
-__all__ = ["DRIFT_TOLERANCE", "SearchResult", "StageSummary", "prepare", "run_search", "union_seconds"]
+__all__ = ["DRIFT_TOLERANCE", "SearchResult", "StageSummary", "prepare", "resume_search", "run_search",
+           "union_seconds"]
 
 Log = Callable[[str], None]
 # Largest change of an earlier task's metric allowed between its stage and the final model. Frozen blocks make it
@@ -173,21 +175,60 @@ def run_search(config: SearchConfig, log: Log = print) -> SearchResult:
         return _run_search(prepare(config, Path(scratch)), log)
 
 
-def _run_search(plan: _Plan, log: Log) -> SearchResult:
+def resume_search(search_id: str, tracking_uri: str, log: Log = print, optuna_storage: str | None = None,
+                  ray_address: str | None = None) -> SearchResult:
+    """Continue a search whose driver died: committed stages are kept, the current stage keeps its finished trials
+    and runs only the ones still owed, and the dead attempt's unfinished runs are closed as KILLED.
+
+    The search's config comes from its run (``search_config.json``); URIs whose password was redacted there must be
+    given again (``optuna_storage``).
+    """
+    tracking = Tracking(tracking_uri)
+    try:
+        run = tracking.run(search_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
+        raise ConfigError(f"search {search_id!r} does not exist at {redact(tracking_uri)!r}") from None
+    if run.data.tags.get("pngrow.kind") != "search":
+        raise ConfigError(f"run {search_id!r} is not a pngrow search")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"search {search_id!r} has finished; there is nothing to resume")
+    with tempfile.TemporaryDirectory(prefix="pngrow-resume-") as scratch:
+        recorded = json.loads(Path(tracking.client.download_artifacts(search_id, "search_config.json",
+                                                                      scratch)).read_text())
+        recorded.pop("search_space_resolved", None)
+        ray = RayOptions(**{**recorded.pop("ray"), **({"address": ray_address} if ray_address else {})})
+        config = SearchConfig(**{**recorded, "ray": ray, "tracking_uri": tracking_uri,
+                                 "optuna_storage": optuna_storage or recorded["optuna_storage"]})
+        if "***" in (config.optuna_storage or ""):
+            raise ConfigError(f"search {search_id!r} used an Optuna storage with a password, which is not recorded: "
+                              "give it again with --optuna-storage")
+        experiment = tracking.client.get_experiment(run.info.experiment_id).name
+        config = replace(config, experiment=experiment)
+        return _run_search(prepare(config, Path(scratch)), log, resumed=search_id)
+
+
+def _run_search(plan: _Plan, log: Log, resumed: str | None = None) -> SearchResult:
     config = plan.config
     start = time.time()
     if config.local_artifact_root():
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
-    search_id = tracking.start_run(config.name, {"kind": "search", "family": config.family,
-                                                 "tasks": ",".join(plan.family.tasks)})
-    tracking.log(search_id, params=_flat_params(config),
-                 tags={"search_id": search_id, "quality": plan.quality, "cost": config.cost})
-    if plan.base is not None:
-        tracking.log(search_id, tags={"grown_from_model": plan.base.label})
-    tracking.client.log_dict(search_id, {**_public(config), "search_space_resolved": plan.space.name},
-                             "search_config.json")
-    log(f"pngrow search {config.name!r}: id {search_id}, tracking {redact(tracking.uri)}")
+    if resumed is None:
+        search_id = tracking.start_run(config.name, {"kind": "search", "family": config.family,
+                                                     "tasks": ",".join(plan.family.tasks)})
+        tracking.log(search_id, params=_flat_params(config),
+                     tags={"search_id": search_id, "quality": plan.quality, "cost": config.cost})
+        if plan.base is not None:
+            tracking.log(search_id, tags={"grown_from_model": plan.base.label})
+        tracking.client.log_dict(search_id, {**_public(config), "search_space_resolved": plan.space.name},
+                                 "search_config.json")
+    else:
+        search_id = resumed
+        tracking.client.update_run(search_id, "RUNNING")
+        attempts = int(tracking.run(search_id).data.tags.get("pngrow.attempts", "1")) + 1
+        tracking.log(search_id, tags={"attempts": attempts, "error": ""})
+    log(f"pngrow search {config.name!r}: id {search_id}, tracking {redact(tracking.uri)}"
+        + (" (resumed)" if resumed else ""))
     cluster: Cluster | None = None
     try:
         cluster = Cluster(config.ray)
@@ -195,10 +236,17 @@ def _run_search(plan: _Plan, log: Log) -> SearchResult:
             f"{min(config.parallel_trials, cluster.slots)} at a time")
         stages: list[StageSummary] = []
         intervals: list[tuple[float, float]] = []
-        parent = _log_base(plan, tracking, search_id) if plan.base else None
+        earlier = _earlier_runs(tracking, search_id) if resumed else {}
+        parent = earlier.get("base") or (_log_base(plan, tracking, search_id) if plan.base else None)
         for task in config.tasks:
-            stages.append(_run_stage(plan, tracking, cluster, search_id, plan.family.tasks.index(task), parent,
-                                     intervals, log))
+            index = plan.family.tasks.index(task)
+            stage = earlier.get(index)
+            if stage is not None and stage.info.status == "FINISHED":
+                stages.append(_finished_stage(tracking, stage))
+                log(f"[{task}] committed before the restart: stage run {stage.info.run_id}")
+            else:
+                stages.append(_run_stage(plan, tracking, cluster, search_id, index, parent, intervals, log,
+                                         stage.info.run_id if stage is not None else None))
             parent = stages[-1].run_id
         final = _final_check(plan, tracking, cluster, search_id, stages, log)
         with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
@@ -252,7 +300,7 @@ def _log_base(plan: _Plan, tracking: Tracking, search_id: str) -> str:
 
 
 def _run_stage(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str, index: int, parent: str | None,
-               intervals: list[tuple[float, float]], log: Log) -> StageSummary:
+               intervals: list[tuple[float, float]], log: Log, stage_run: str | None = None) -> StageSummary:
     config, task = plan.config, plan.family.tasks[index]
     study_name = f"pngrow-{search_id}-{index}-{task}"
     study = open_study(config.resolved_optuna_storage(), study_name, "maximize" if plan.maximize else "minimize",
@@ -260,9 +308,18 @@ def _run_stage(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str
     lineage = {"search_id": search_id, "task": task, "stage_index": index,
                "task_order": ",".join(plan.family.tasks[: index + 1]), "grown_from_run": parent or "",
                "optuna_study": study_name}
-    stage_run = tracking.start_run(f"stage {index + 1}: {task}", {"kind": "stage", **lineage}, parent=search_id)
+    outcomes: dict[int, TrialOutcome] = {}
+    failed = 0
+    if stage_run is None:
+        stage_run = tracking.start_run(f"stage {index + 1}: {task}", {"kind": "stage", **lineage}, parent=search_id)
+    else:
+        tracking.client.update_run(stage_run, "RUNNING")
+        outcomes, failed = _recover_trials(plan, tracking, study, stage_run, log)
+        log(f"[{task}] resuming the stage: {len(outcomes)} trials finished before the restart are kept, "
+            f"{failed} failed")
     try:
-        summary = _search_trials(plan, tracking, cluster, study, stage_run, index, parent, lineage, intervals, log)
+        summary = _search_trials(plan, tracking, cluster, study, stage_run, index, parent, lineage, intervals, log,
+                                 outcomes, failed)
     except BaseException:
         tracking.end_run(stage_run, "FAILED")
         raise
@@ -283,15 +340,14 @@ def _run_stage(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str
 
 def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: optuna.Study, stage_run: str, index: int,
                    parent: str | None, lineage: dict[str, Any], intervals: list[tuple[float, float]],
-                   log: Log) -> StageSummary:
+                   log: Log, outcomes: dict[int, TrialOutcome], failed: int) -> StageSummary:
     config, task = plan.config, plan.family.tasks[index]
     dists = distributions(plan.space)
     study.enqueue_trial(plan.space.defaults(), skip_if_exists=True)
     pending: dict[Any, tuple[optuna.Trial, str]] = {}
-    outcomes: dict[int, TrialOutcome] = {}
-    asked = failed = 0
+    asked = len(outcomes) + failed
     parallel = min(config.parallel_trials, cluster.slots)
-    with progress_bar(config.trials_per_stage, "trials", f"stage {task}") as bar:
+    with progress_bar(config.trials_per_stage, "trials", f"stage {task}", initial=asked) as bar:
         while asked < config.trials_per_stage or pending:
             while asked < config.trials_per_stage and len(pending) < parallel:
                 trial = study.ask(dists)
@@ -332,6 +388,62 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
                           f"pngrow.error tags)") from None
     front = pareto_front(candidates, plan.maximize)
     return StageSummary(task, stage_run, study.study_name, outcomes[chosen.number], len(outcomes), failed, front)
+
+
+def _earlier_runs(tracking: Tracking, search_id: str) -> dict[Any, Any]:
+    """The stage runs (by stage index) and the base run ("base") a dead attempt of the search left."""
+    search = tracking.run(search_id)
+    found: dict[Any, Any] = {}
+    for run in tracking.children(search, "base"):
+        found["base"] = run.info.run_id
+    for run in tracking.children(search, "stage"):
+        found[int(run.data.tags["pngrow.stage_index"])] = run
+    return found
+
+
+def _outcome(run: Any) -> TrialOutcome:
+    """A finished trial as its MLflow run recorded it."""
+    metrics, tags = run.data.metrics, run.data.tags
+    return TrialOutcome(
+        run.info.run_id, tags["pngrow.task"], {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")},
+        metrics["density"], int(metrics["active_params"]), int(round(metrics["gmacs"] * 1e9)),
+        int(metrics["stored_params"]), tags["pngrow.fingerprint"], 0.0, 0.0, metrics.get("trial_seconds", 0.0),
+    )
+
+
+def _finished_stage(tracking: Tracking, stage: Any) -> StageSummary:
+    trials = tracking.children(stage, "trial")
+    chosen = tracking.run(stage.data.tags["pngrow.chosen_trial_run"])
+    return StageSummary(stage.data.tags["pngrow.task"], stage.info.run_id, stage.data.tags["pngrow.optuna_study"],
+                        _outcome(chosen), sum(t.info.status == "FINISHED" for t in trials),
+                        sum(t.info.status == "FAILED" for t in trials))
+
+
+def _recover_trials(plan: _Plan, tracking: Tracking, study: optuna.Study, stage_run: str,
+                    log: Log) -> tuple[dict[int, TrialOutcome], int]:
+    """Keep the finished trials of a stage a dead driver left (also those whose worker finished after the driver
+    died: their run has the final fingerprint); close the unfinished ones as KILLED (MLflow) and FAIL (Optuna).
+    Returns the finished outcomes by Optuna trial number and the count of trials that failed."""
+    outcomes: dict[int, TrialOutcome] = {}
+    failed = 0
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    for run in tracking.children(tracking.run(stage_run), "trial"):
+        number = int(run.data.tags["pngrow.optuna_trial"])
+        if run.info.status in ("FINISHED", "RUNNING") and "pngrow.fingerprint" in run.data.tags:
+            outcome = outcomes[number] = _outcome(run)
+            if states.get(number) == optuna.trial.TrialState.RUNNING:
+                study.tell(number, [outcome.metrics[plan.quality], outcome.cost(plan.config.cost)])
+            if run.info.status == "RUNNING":
+                tracking.end_run(run.info.run_id)
+        elif run.info.status == "FAILED":
+            failed += 1
+        else:
+            tracking.log(run.info.run_id, tags={"error": "its driver died; the search was resumed without it"})
+            tracking.end_run(run.info.run_id, "KILLED")
+            if states.get(number) == optuna.trial.TrialState.RUNNING:
+                study.tell(number, state=optuna.trial.TrialState.FAIL)
+            log(f"trial run {run.info.run_id} (Optuna trial {number}) was cut off by the restart: KILLED")
+    return outcomes, failed
 
 
 def _describe(params: dict[str, Any]) -> str:

@@ -4,6 +4,8 @@ evaluation of a shared model on every task. Checkpoints come from and go to the 
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -96,6 +98,7 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     begun = time.time()
     torch.set_num_threads(max(1, spec.threads))
     tracking = Tracking(spec.tracking_uri)
+    tracking.log(spec.run_id, tags={"worker_pid": os.getpid(), "worker_node": socket.gethostname()})
     settings = StageSettings(**spec.settings)
     with tempfile.TemporaryDirectory(prefix="pngrow-trial-") as tmp:
         scratch = Path(tmp)
@@ -132,7 +135,8 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     tracking.log(spec.run_id, metrics={**{f"eval/{k}": v for k, v in result.metrics.items()},
                                        "density": outcome.density, "active_params": outcome.active_params,
                                        "gmacs": outcome.macs / 1e9, "stored_params": stored,
-                                       "train_seconds": ended - started, "trial_seconds": outcome.trial_seconds})
+                                       "train_seconds": ended - started, "trial_seconds": outcome.trial_seconds},
+                 tags={"fingerprint": outcome.fingerprint})
     return outcome
 
 

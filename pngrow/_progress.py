@@ -10,9 +10,10 @@ from tqdm import tqdm
 __all__ = ["progress_bar"]
 
 
-def progress_bar(total: int, unit: str, description: str = "", enabled: bool = True, file: Any = None) -> Any:
+def progress_bar(total: int, unit: str, description: str = "", enabled: bool = True, file: Any = None,
+                 initial: int = 0) -> Any:
     """A tqdm bar of ``total`` ``unit`` on standard error; disabled (updates are no-ops) off a terminal or when
     not ``enabled``."""
     stream = file or sys.stderr
     return tqdm(total=total, unit=f" {unit}", desc=description, disable=not (enabled and stream.isatty()),
-                leave=False, dynamic_ncols=True, file=stream)
+                leave=False, dynamic_ncols=True, file=stream, initial=initial)

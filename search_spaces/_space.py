@@ -17,6 +17,8 @@ __all__ = ["Parameter", "SearchSpace", "available_spaces", "load_search_space"]
 _HERE = Path(__file__).parent
 # Every StageSettings field but the seed, which the search sets per stage.
 SETTING_NAMES = tuple(f.name for f in fields(StageSettings) if f.name != "seed")
+# Numeric settings: their values may be written as text (PyYAML reads 1.0e30, with no exponent sign, as a string).
+_NUMERIC = {f.name: str(f.type) for f in fields(StageSettings) if str(f.type) in ("int", "float")}
 _KINDS = ("float", "int", "categorical")
 
 
@@ -68,7 +70,11 @@ def _parameter(name: str, spec: Any, where: str) -> Parameter:
         extra = sorted({"low", "high", "log"} & set(spec))
         if extra:
             raise ConfigError(f"{field}: {extra[0]!r} does not apply to a categorical parameter")
+        if name in _NUMERIC:
+            choices = [_number(c, f"{field} choice", _NUMERIC[name]) for c in choices]
         default = spec.get("default", choices[0])
+        if name in _NUMERIC:
+            default = _number(default, f"{field} default", _NUMERIC[name])
         param = Parameter(name, kind, default, choices=tuple(choices))
     else:
         if "choices" in spec:
@@ -146,6 +152,7 @@ def load_search_space(name_or_path: str | Path) -> SearchSpace:
     family = typed(raw["family"], f"{where} field 'family'", str)
     specs = check_keys(raw["parameters"], f"{where} field 'parameters'", set(SETTING_NAMES))
     fixed = dict(check_keys(raw.get("fixed") or {}, f"{where} field 'fixed'", set(SETTING_NAMES)))
+    fixed = {k: _number(v, f"{where} fixed {k!r}", _NUMERIC[k]) if k in _NUMERIC else v for k, v in fixed.items()}
     both = sorted(set(specs) & set(fixed))
     if both:
         raise ConfigError(f"{where}: {both[0]!r} is both searched and fixed")

@@ -1,0 +1,141 @@
+"""Searches survive faults: a trial whose loss becomes NaN, a trial worker killed by its PID, and a driver killed by
+its PID mid-stage, then resumed. Each runs the embedded default (in-process Ray, SQLite) on a small config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pngrow.pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _config(folder: Path, tasks: str = "[x2, x3]", lr: str = "{type: float, low: 5.0e-4, high: 2.0e-3, log: true}",
+            steps: str = "grow_steps: 60, prune_steps: 15, finetune_steps: 15", retries: int = 0) -> Path:
+    (folder / "space.yaml").write_text(
+        f"family: sisr\nparameters:\n  prune_ratio: {{type: float, low: 0.3, high: 0.6, default: 0.5}}\n"
+        f"  lr: {lr}\nfixed: {{{steps}, batch_size: 2}}\n"
+    )
+    path = folder / "search.yaml"
+    path.write_text(
+        f"name: faults\nfamily: sisr\ntasks: {tasks}\narch: {{width: 8, depth: 2, lr_patch: 12}}\n"
+        f"data: {{eval_limit: 1}}\nsearch_space: {folder / 'space.yaml'}\n"
+        f"budget: {{trials_per_stage: 3, parallel_trials: 2}}\nray: {{max_retries: {retries}}}\n"
+    )
+    return path
+
+
+def _client(folder: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{folder / 'pngrow-runs' / 'mlflow.db'}")
+
+
+def _runs(client: MlflowClient, filter_string: str = "") -> list:
+    experiment = client.get_experiment_by_name("pngrow")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id], filter_string)
+
+
+def _start_driver(folder: Path, config: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), "--quiet"], cwd=folder,
+                            stdout=subprocess.DEVNULL, stderr=(folder / "driver.log").open("wb"), env=env,
+                            start_new_session=True)
+
+
+def _wait_for(what: str, check, process: subprocess.Popen, timeout: float = 240):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the driver ended before {what}"
+        try:
+            found = check()
+        except Exception:  # noqa: BLE001 - the store may be mid-creation
+            found = None
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_nan_trial_fails_alone_and_the_stage_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    # The first trial runs the defaults: a learning rate of 1e30 makes its loss NaN at once.
+    config = _config(tmp_path, tasks="[x2]", lr="{type: categorical, choices: [1.0e30, 1.0e-3], default: 1.0e30}",
+                     steps="grow_steps: 20, prune_steps: 5, finetune_steps: 5")
+    assert main(["search", str(config)]) == 0
+    assert "trial 0 failed: FloatingPointError: task 'x2': training loss became nan" in capsys.readouterr().out
+    trials = _runs(_client(tmp_path), "tags.`pngrow.kind` = 'trial'")
+    failed = [t for t in trials if t.info.status == "FAILED"]
+    assert failed and all("training loss became nan" in t.data.tags["pngrow.error"] for t in failed)
+    assert len(trials) == 3 and any(t.info.status == "FINISHED" for t in trials)
+    search = _runs(_client(tmp_path), "tags.`pngrow.kind` = 'search'")[0]
+    assert search.info.status == "FINISHED"
+
+
+def test_a_killed_trial_worker_fails_that_trial_only(tmp_path: Path) -> None:
+    driver = _start_driver(tmp_path, _config(tmp_path, tasks="[x2]"))
+    client = _client(tmp_path)
+
+    def training_trial():  # noqa: ANN202
+        for run in _runs(client, "tags.`pngrow.kind` = 'trial' and attributes.status = 'RUNNING'"):
+            if "pngrow.worker_pid" in run.data.tags and client.get_metric_history(run.info.run_id, "train/l1"):
+                return run
+        return None
+
+    victim = _wait_for("a trial training", training_trial, driver)
+    os.kill(int(victim.data.tags["pngrow.worker_pid"]), signal.SIGKILL)
+    assert driver.wait(300) == 0, (tmp_path / "driver.log").read_text()[-2000:]
+    trials = {t.info.run_id: t for t in _runs(client, "tags.`pngrow.kind` = 'trial'")}
+    assert trials[victim.info.run_id].info.status == "FAILED"
+    assert "Worker" in trials[victim.info.run_id].data.tags["pngrow.error"]  # Ray's WorkerCrashedError
+    assert sum(t.info.status == "FINISHED" for t in trials.values()) == 2
+    assert _runs(client, "tags.`pngrow.kind` = 'search'")[0].info.status == "FINISHED"
+
+
+def test_a_killed_driver_resumes_without_redoing_finished_work(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path)
+    driver = _start_driver(tmp_path, config)
+    client = _client(tmp_path)
+
+    def second_stage_trial_finished():  # noqa: ANN202
+        stages = _runs(client, "tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '1'")
+        if stages:
+            trials = _runs(client, f"tags.`mlflow.parentRunId` = '{stages[0].info.run_id}'")
+            return stages[0] if any(t.info.status == "FINISHED" for t in trials) else None
+        return None
+
+    _wait_for("a finished trial in stage 2", second_stage_trial_finished, driver)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session
+    driver.wait(30)
+    before = {t.info.run_id: t.info.status for t in _runs(client, "tags.`pngrow.kind` = 'trial'")}
+    search_id = _runs(client, "tags.`pngrow.kind` = 'search'")[0].info.run_id
+    stage1 = _runs(client, "tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '0'")[0]
+    assert stage1.info.status == "FINISHED"
+
+    assert main(["resume", search_id, "--quiet"]) == 0
+    search = client.get_run(search_id)
+    assert search.info.status == "FINISHED" and search.data.tags["pngrow.attempts"] == "2"
+    after = {t.info.run_id: t for t in _runs(client, "tags.`pngrow.kind` = 'trial'")}
+    # Finished trials were kept, not re-run; the ones the crash cut off are KILLED; nothing is left RUNNING.
+    assert all(after[r].info.status == "FINISHED" for r, s in before.items() if s == "FINISHED")
+    assert all(after[r].info.status == "KILLED" for r, s in before.items() if s == "RUNNING"
+               and "pngrow.fingerprint" not in after[r].data.tags)
+    assert not [r for r in _runs(client) if r.info.status == "RUNNING"]
+    stage1_trials = [t for t in after.values() if t.data.tags["pngrow.stage_index"] == "0"]
+    assert len(stage1_trials) == 3
+    stage2_finished = [t for t in after.values() if t.data.tags["pngrow.stage_index"] == "1"
+                       and t.info.status == "FINISHED"]
+    assert len(stage2_finished) == 3
+    # The committed stage is bit-identical to an uninterrupted search with the same seeds.
+    assert main(["search", str(config), "--quiet"]) == 0
+    fresh = [r for r in _runs(client, "tags.`pngrow.kind` = 'search'") if r.info.run_id != search_id][0]
+    assert fresh.data.tags["pngrow.fingerprint.x2"] == search.data.tags["pngrow.fingerprint.x2"]
