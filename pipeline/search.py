@@ -19,9 +19,11 @@ import optuna
 from .._progress import progress_bar
 from ..errors import ConfigError, SearchError
 from ..search_spaces import SearchSpace, load_search_space
+from ..workers.data import IMAGE_SUFFIXES
 from ..workers.models import Family, get_family
 from .cluster import Cluster
 from .config import RayOptions, SearchConfig, redact
+from .preflight import check_artifact_store, check_services
 from .study import RULES, Candidate, distributions, open_study, pareto_front, select
 from .tracking import Tracking
 from .trial import EvaluationSpec, TrialOutcome, TrialSpec, evaluate_model, run_trial
@@ -127,8 +129,11 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> _Plan:
     if config.rule not in RULES:
         raise ConfigError(f"selection rule {config.rule!r} is not one of {', '.join(sorted(RULES))}")
     for name, source in (("train", config.train_data), ("eval", config.eval_data)):
-        if source and "://" not in source and not Path(source).is_dir():
-            raise ConfigError(f"data {name} folder {source!r} does not exist")
+        if source and "://" not in source:
+            if not Path(source).is_dir():
+                raise ConfigError(f"data {name} folder {source!r} does not exist")
+            if not any(p.suffix.lower() in (*IMAGE_SUFFIXES, ".parquet") for p in Path(source).iterdir()):
+                raise ConfigError(f"data {name} folder {source!r} has no images or .parquet shards")
     if config.init and not Path(config.init).is_file():
         raise ConfigError(f"init weights {config.init!r} do not exist")
     return _Plan(config, family, space, quality, family.metric_directions[quality] == "maximize", base)
@@ -210,9 +215,11 @@ def resume_search(search_id: str, tracking_uri: str, log: Log = print, optuna_st
 def _run_search(plan: _Plan, log: Log, resumed: str | None = None) -> SearchResult:
     config = plan.config
     start = time.time()
+    check_services(config)
     if config.local_artifact_root():
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
+    check_artifact_store(tracking.client.get_experiment(tracking.experiment_id).artifact_location)
     if resumed is None:
         search_id = tracking.start_run(config.name, {"kind": "search", "family": config.family,
                                                      "tasks": ",".join(plan.family.tasks)})
@@ -346,6 +353,7 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
     study.enqueue_trial(plan.space.defaults(), skip_if_exists=True)
     pending: dict[Any, tuple[optuna.Trial, str]] = {}
     asked = len(outcomes) + failed
+    last_error = "see the trial runs' pngrow.error tags"
     parallel = min(config.parallel_trials, cluster.slots)
     with progress_bar(config.trials_per_stage, "trials", f"stage {task}", initial=asked) as bar:
         while asked < config.trials_per_stage or pending:
@@ -368,6 +376,7 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
                 outcome: TrialOutcome = cluster.result(ref)
             except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
                 failed += 1
+                last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 tracking.log(run_id, tags={"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:5000]})
                 tracking.end_run(run_id, "FAILED")
@@ -384,8 +393,8 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
     try:
         chosen = select(config.rule, candidates, plan.maximize, config.tolerance)
     except ValueError as exc:
-        raise SearchError(f"stage {index + 1} ({task}): {exc}; every trial failed (see the trial runs' "
-                          f"pngrow.error tags)") from None
+        raise SearchError(f"stage {index + 1} ({task}): {exc}; every trial failed, the last with "
+                          f"{last_error}") from None
     front = pareto_front(candidates, plan.maximize)
     return StageSummary(task, stage_run, study.study_name, outcomes[chosen.number], len(outcomes), failed, front)
 

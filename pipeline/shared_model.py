@@ -3,7 +3,8 @@
 ``mlflow.pyfunc.load_model(uri).predict({"task": "x2", "image": png_bytes})`` restores one image; a DataFrame with
 ``task`` and ``image`` columns restores one image per row. ``image`` is PNG (or any PIL-readable) bytes or a uint8
 H x W x 3 array. The output has one row per input: ``task``, ``image`` (PNG bytes) and the task's figures (the scale
-for SISR; bytes and bpp of the real bitstream for NIC).
+for SISR; bytes and bpp of the real pngrow bitstream for NIC). Large images are processed in tiles, as
+:class:`pngrow.pipeline.api.RestorationModel` does.
 """
 
 from __future__ import annotations
@@ -40,25 +41,30 @@ class SharedModel(PythonModel):
     """Loads the checkpoint artifact with :func:`pngrow.workers.models.load_model` and restores images by task."""
 
     def load_context(self, context: Any) -> None:
-        import torch
-
+        from pngrow.pipeline.api import RestorationModel
         from pngrow.workers.models import load_model
 
-        self.family, self.shared = load_model(context.artifacts["checkpoint"])
-        self.shared.eval()
-        self.torch = torch
+        family, shared = load_model(context.artifacts["checkpoint"])
+        self.model = RestorationModel(family, shared.eval(), version="", progress=False)
 
     # No type hints here: MLflow would read them as an input schema.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else [model_input]
         out = []
+        model = self.model
         for row in rows:
             task = row.get("task")
-            if task not in self.shared.task_names:
-                raise ValueError(f"task {task!r} is not one of this model's tasks: {', '.join(self.shared.task_names)}")
-            image = self.torch.from_numpy(np.ascontiguousarray(_image_array(row["image"]))).permute(2, 0, 1)
-            restored, figures = self.family.restore(self.shared, task, image)
-            out.append({"task": task, "image": _png(restored.permute(1, 2, 0).numpy()), **figures})
+            if task not in model.tasks:
+                raise ValueError(f"task {task!r} is not one of this model's tasks: {', '.join(model.tasks)}")
+            image = _image_array(row["image"])
+            if hasattr(model.family, "compress"):
+                data = model.compress(image, task)
+                restored = model.decompress(data)
+                figures = {"bytes": len(data), "bpp": 8 * len(data) / (image.shape[0] * image.shape[1])}
+            else:
+                restored = model.upscale(image, task)
+                figures = {"scale": model.family.scale(task)}
+            out.append({"task": task, "image": _png(restored), **figures})
         return pd.DataFrame(out)
 
 

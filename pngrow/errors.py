@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "SearchError"]
+__all__ = ["ConfigError", "SearchError", "ServiceError"]
 
 
 class ConfigError(ValueError):
@@ -11,3 +11,7 @@ class ConfigError(ValueError):
 
 class SearchError(RuntimeError):
     """A search that cannot go on (every trial of a stage failed, an earlier task changed, a run has no model)."""
+
+
+class ServiceError(SearchError):
+    """A tracking server, database or object store that cannot be reached; the message names it, without secrets."""

@@ -59,6 +59,8 @@ def receptive_margin(model: nn.Module) -> int:
 def _check_image(image: torch.Tensor) -> None:
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a uint8 RGB image of shape (3, H, W), got {image.dtype} {tuple(image.shape)}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"the image is empty ({image.shape[2]}x{image.shape[1]} pixels)")
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ and a Ray head in its own process."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -31,10 +33,12 @@ def test_tiny_search_on_real_services(services, tmp_path: Path, monkeypatch: pyt
     for key, value in services.env().items():
         monkeypatch.setenv(key, value)
     summary_file = tmp_path / "summary.json"
-    args = ["search", str(EXAMPLE), "--tracking-uri", services.mlflow.uri, "--optuna-storage",
-            services.postgres.url("optuna"), "--ray-address", services.ray.address, "--workdir", str(tmp_path / "w"),
-            "--json", str(summary_file), "--quiet"]
-    assert main(args) == 0
+    # The driver is its own process, as a user runs it: a Ray driver process connects to one cluster only.
+    args = [sys.executable, "-m", "pngrow", "search", str(EXAMPLE), "--tracking-uri", services.mlflow.uri,
+            "--optuna-storage", services.postgres.url("optuna"), "--ray-address", services.ray.address,
+            "--workdir", str(tmp_path / "w"), "--json", str(summary_file), "--quiet"]
+    driver = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert driver.returncode == 0, driver.stderr[-3000:]
     summary = json.loads(summary_file.read_text())
     assert not (tmp_path / "w").exists(), "a search on services must not fall back to local files"
 
@@ -96,8 +100,7 @@ def test_tiny_search_on_real_services(services, tmp_path: Path, monkeypatch: pyt
         if key.endswith((".json", ".yaml", "MLmodel", ".txt")):
             records.append(services.s3.client().get_object(Bucket="pngrow", Key=key)["Body"].read().decode())
     records.append(json.dumps(summary))
-    printed = capsys.readouterr()
-    records += [printed.out, printed.err]
+    records += [driver.stdout, driver.stderr]
     assert records and not [s for s in secrets for r in records if s in r]
     assert "postgresql://pngrow:***@" in search.data.params["optuna_storage"]
 
@@ -144,3 +147,34 @@ def test_training_data_from_an_s3_folder_of_parquet_shards(services, tmp_path: P
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(ValueError, match="cannot read 's3://pngrow/data/train'"):
         fetch_folder("s3://pngrow/data/train", tmp_path / "denied")
+
+
+@pytest.mark.parametrize("broken", ["mlflow", "postgres", "s3"])
+def test_an_unreachable_service_is_named_before_anything_starts(services, tmp_path: Path, monkeypatch, capsys,
+                                                                broken: str) -> None:
+    from tests.services import free_ports
+
+    for key, value in services.env().items():
+        monkeypatch.setenv(key, value)
+    tracking, storage = services.mlflow.uri, services.postgres.url("optuna")
+    if broken == "mlflow":
+        tracking = f"http://127.0.0.1:{free_ports(1)[0]}"
+    elif broken == "postgres":
+        storage = storage.replace(services.postgres.password, "wrong-password")
+    else:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    client = MlflowClient(services.mlflow.uri)
+    searches_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                             "tags.`pngrow.kind` = 'search'"))
+    args = ["search", str(EXAMPLE), "--tracking-uri", tracking, "--optuna-storage", storage, "--ray-address",
+            services.ray.address, "--workdir", str(tmp_path / "w"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    expected = {"mlflow": f"MLflow tracking server '{tracking}' is unreachable",
+                "postgres": "Optuna storage 'postgresql://pngrow:***@127.0.0.1",
+                "s3": "MLflow artifact store 's3://pngrow/mlflow"}[broken]
+    assert expected in err and err.count("\n") == 1, err
+    assert "wrong-password" not in err and services.postgres.password not in err and "wrong-secret" not in err
+    searches_after = len(client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                            "tags.`pngrow.kind` = 'search'"))
+    assert searches_after == searches_before

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pngrow.workers.data import default_images
+from pngrow.workers.data import PatchSampler, default_images
 from pngrow.workers.models import get_family
 from pngrow.workers.restoration import decode, encode, read_header, receptive_margin, upscale
 from pngrow.workers.training import StageSettings, run_stage
-from pngrow.workers.data import PatchSampler
 
 TINY = StageSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=2)
 
@@ -19,22 +18,23 @@ def _grow(family, shared, task: str, seed: int = 0) -> None:
     run_stage(shared, family, task, TINY, sampler, images, log=lambda _: None)
 
 
+def _trained(name: str, tasks: list[str], seed: int = 0, **arch):  # noqa: ANN003, ANN202
+    """A family and its shared network with the first task grown, pruned and committed."""
+    family = get_family(name, tasks, **arch)
+    torch.manual_seed(seed)
+    shared = family.build_shared()
+    _grow(family, shared, tasks[0], seed=seed)
+    return family, shared
+
+
 @pytest.fixture(scope="module")
 def sisr():
-    family = get_family("sisr", ["x2", "x3"], width=8, depth=2, lr_patch=8)
-    torch.manual_seed(0)
-    shared = family.build_shared()
-    _grow(family, shared, "x2")
-    return family, shared
+    return _trained("sisr", ["x2", "x3"], width=8, depth=2, lr_patch=8)
 
 
 @pytest.fixture(scope="module")
 def nic():
-    family = get_family("nic", ["q6", "q2"], N=16, M=16, patch=64)
-    torch.manual_seed(0)
-    shared = family.build_shared()
-    _grow(family, shared, "q6")
-    return family, shared
+    return _trained("nic", ["q6", "q2"], N=16, M=16, patch=64)
 
 
 def _image(h: int, w: int) -> torch.Tensor:
@@ -87,32 +87,19 @@ def test_bad_bitstreams_fail_with_one_line(nic) -> None:
         decode(family, shared, b"JPEG" + data)
     with pytest.raises(ValueError, match="truncated"):
         decode(family, shared, data[:-3])
-    other = get_family("nic", ["q6", "q2"], N=16, M=16, patch=64)
-    torch.manual_seed(1)
-    stranger = other.build_shared()
-    _grow(other, stranger, "q6", seed=1)
+    other, stranger = _trained("nic", ["q6", "q2"], seed=1, N=16, M=16, patch=64)
     with pytest.raises(ValueError, match="this model's task 'q6' differs from the one that wrote the bitstream"):
         decode(other, stranger, data)
     with pytest.raises(ValueError, match="does not compress images"):
-        encode(*_sisr_pair(), "x2", _image(8, 8))
-
-
-def _sisr_pair():
-    family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
-    shared = family.build_shared()
-    _grow(family, shared, "x2")
-    return family, shared
+        encode(*_trained("sisr", ["x2"], width=8, depth=1, lr_patch=8), "x2", _image(8, 8))
 
 
 def test_growing_a_task_leaves_earlier_outputs_bit_identical() -> None:
     """The guarantee `pngrow grow` rests on, for both families: old bitstreams decode to the same pixels and old
     scales upscale to the same pixels after a new task is grown into the released blocks."""
     image = _image(64, 72)
-    family = get_family("nic", ["q6", "q2"], N=16, M=16, patch=64)
-    torch.manual_seed(0)
-    shared = family.build_shared()
-    _grow(family, shared, "q6")
-    data, before = encode(family, shared, "q6", image), None
+    family, shared = _trained("nic", ["q6", "q2"], N=16, M=16, patch=64)
+    data = encode(family, shared, "q6", image)
     before = decode(family, shared, data)[1]
     fingerprint = shared.fingerprint("q6")
     _grow(family, shared, "q2", seed=5)
@@ -120,10 +107,7 @@ def test_growing_a_task_leaves_earlier_outputs_bit_identical() -> None:
     assert torch.equal(decode(family, shared, data)[1], before)
     assert encode(family, shared, "q6", image) == data
 
-    sr_family = get_family("sisr", ["x2", "x3"], width=8, depth=2, lr_patch=8)
-    torch.manual_seed(0)
-    sr = sr_family.build_shared()
-    _grow(sr_family, sr, "x2")
+    sr_family, sr = _trained("sisr", ["x2", "x3"], width=8, depth=2, lr_patch=8)
     old = upscale(sr_family, sr, "x2", image)
     _grow(sr_family, sr, "x3", seed=5)
     assert torch.equal(upscale(sr_family, sr, "x2", image), old)

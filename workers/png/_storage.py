@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -88,7 +89,10 @@ def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.M
         raise CheckpointError(f"{weights_path} does not exist")
     if _sha256(weights_path) != description["sha256"]:
         raise CheckpointError(f"{weights_path} does not match the checksum in {DESCRIPTION_FILE}: corrupted or replaced")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:  # never falls back to another format: nothing is unpickled
+        raise CheckpointError(f"{weights_path} is not a safetensors file: {exc}") from None
     shared = SharedNetwork(build_model(description["architecture"]), description["task_heads"], description["task_arg"])
     expected = [layer["name"] for layer in description["layers"]]
     if shared.layer_names != expected:

@@ -68,3 +68,31 @@ def test_a_task_in_progress_is_not_saved(toy, tmp_path: Path) -> None:
     toy.begin_task("a")
     with pytest.raises(RuntimeError, match="commit it before saving"):
         save_shared(toy, tmp_path, {})
+
+
+class _Payload:
+    """Unpickling this would create a file: the proof that a loader ran code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path(self.marker).touch, ())
+
+
+def test_a_planted_pickle_is_refused_and_never_run(toy, tmp_path: Path) -> None:
+    import hashlib
+    import pickle
+
+    folder = save_shared(_trained(toy), tmp_path / "model", {})
+    marker = tmp_path / "pwned"
+    (folder / "weights.safetensors").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_shared(folder, lambda arch: ToyNet())
+    # Even with the checksum forged to match, the loader reads safetensors only.
+    description = json.loads((folder / "model.json").read_text())
+    description["sha256"] = hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest()
+    (folder / "model.json").write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="weights.safetensors is not a safetensors file"):
+        load_shared(folder, lambda arch: ToyNet())
+    assert not marker.exists()
