@@ -109,21 +109,16 @@ def resolve_checkpoint(uri: str, dest: str | Path, tracking_uri: str | None = No
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from . import tracking  # noqa: F401 - imports MLflow's pyfunc quietly
+    from .tracking import using  # also imports MLflow's pyfunc quietly
 
     label = uri
-    if tracking_uri:
-        # models:/ URIs resolve through the registry URI, which MLflow does not take from ``tracking_uri``.
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
     try:
-        if uri.startswith("models:/"):
-            name, _, ref = uri.removeprefix("models:/").partition("@")
-            if ref:
-                client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-                label = f"models:/{name}/{client.get_model_version_by_alias(name, ref).version}"
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
-                                                         tracking_uri=tracking_uri))
+        with using(tracking_uri or mlflow.get_tracking_uri()):
+            if uri.startswith("models:/"):
+                name, _, ref = uri.removeprefix("models:/").partition("@")
+                if ref:
+                    label = f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, ref).version}"
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except MlflowException as exc:
         raise ValueError(f"cannot load model {uri!r}: {str(exc).splitlines()[0]}") from None
     for candidate in (local, local / "artifacts" / "checkpoint", local / "checkpoint"):

@@ -11,7 +11,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from ..errors import SearchError
 from .config import redact
-from .tracking import TAG, Tracking
+from .tracking import TAG, Tracking, using
 
 __all__ = ["promote", "resolve_run"]
 
@@ -67,9 +67,8 @@ def promote(tracking: Tracking, ref: str, name: str, alias: str | None = "champi
     }
     if TAG + "grown_from_model" in tags:
         lineage["pngrow.grown_from_model"] = tags[TAG + "grown_from_model"]
-    mlflow.set_tracking_uri(tracking.uri)
-    mlflow.set_registry_uri(tracking.uri)
-    version = mlflow.register_model(uri, name, tags=lineage)
+    with using(tracking.uri):
+        version = mlflow.register_model(uri, name, tags=lineage)
     if alias is not None:
         tracking.client.set_registered_model_alias(name, alias, version.version)
     return tracking.client.get_model_version(name, version.version)

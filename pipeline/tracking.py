@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.utils.time import get_current_time_millis
 
-__all__ = ["Tracking", "metric_key"]
+__all__ = ["Tracking", "metric_key", "using"]
 
 # pngrow prints its own progress; MLflow's per-download progress bars and "View run at" lines would drown it.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -53,6 +53,30 @@ def _without_type_hint_advice() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = show
+
+
+@contextlib.contextmanager
+def using(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking and registry) at ``uri`` for a block, then restore exactly what was
+    there (MLflow keeps these in module state and in environment variables), so that pngrow never leaves a
+    caller's MLflow pointing elsewhere."""
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    saved = (tracking_state._tracking_uri, registry_state._registry_uri,
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_state._registry_uri = saved[1]
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def metric_key(*parts: str) -> str:
@@ -118,8 +142,7 @@ class Tracking:
         """Log the checkpoint as a pyfunc model on ``run_id``; returns the model's URI (also tagged on the run)."""
         from .. import __version__
 
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id), _without_type_hint_advice():
+        with using(self.uri), mlflow.start_run(run_id=run_id), _without_type_hint_advice():
             info = mlflow.pyfunc.log_model(
                 name="shared_model",
                 python_model=str(_PYFUNC_CODE),

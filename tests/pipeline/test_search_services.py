@@ -43,7 +43,7 @@ def test_tiny_search_on_real_services(services, tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "w").exists(), "a search on services must not fall back to local files"
 
     # MLflow: one search run, a stage run per task, three trial runs per stage, with lineage.
-    client = MlflowClient(services.mlflow.uri)
+    client = MlflowClient(tracking_uri=services.mlflow.uri, registry_uri=services.mlflow.uri)
     search = client.get_run(summary["search_id"])
     assert search.info.status == "FINISHED" and search.data.tags["pngrow.kind"] == "search"
     experiment = search.info.experiment_id
