@@ -21,6 +21,7 @@ from ..errors import ConfigError, SearchError
 from ..search_spaces import SearchSpace, load_search_space
 from ..workers.data import IMAGE_SUFFIXES
 from ..workers.models import Family, get_family
+from ..workers.png import parse_block_shape
 from .cluster import Cluster
 from .config import RayOptions, SearchConfig, redact
 from .preflight import check_artifact_store, check_services
@@ -128,6 +129,7 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> _Plan:
                           f"{', '.join(family.metric_directions)}")
     if config.rule not in RULES:
         raise ConfigError(f"selection rule {config.rule!r} is not one of {', '.join(sorted(RULES))}")
+    _check_block_shapes(family, space)
     for name, source in (("train", config.train_data), ("eval", config.eval_data)):
         if source and "://" not in source:
             if not Path(source).is_dir():
@@ -137,6 +139,22 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> _Plan:
     if config.init and not Path(config.init).is_file():
         raise ConfigError(f"init weights {config.init!r} do not exist")
     return _Plan(config, family, space, quality, family.metric_directions[quality] == "maximize", base)
+
+
+def _check_block_shapes(family: Family, space: SearchSpace) -> None:
+    """Every block shape the space can pick leaves each shared layer at least 2 blocks, so pruning can free one."""
+    if "block_shape" in space.parameters:
+        shapes = list(space.parameters["block_shape"].choices)
+    else:
+        shapes = [space.settings({}, seed=0).block_shape]
+    layers = family.wrap(family.build_model()).shared_layers()
+    for shape in shapes:
+        parsed = parse_block_shape(shape)
+        for layer in layers:
+            if layer.grid(parsed).num_blocks < 2:
+                raise ConfigError(f"block shape {'x'.join(map(str, parsed))} does not fit the {family.name} model: "
+                                  f"layer {layer.name!r} ({layer.plane[0]}x{layer.plane[1]} channels) would be one "
+                                  "block, which pruning cannot split")
 
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:

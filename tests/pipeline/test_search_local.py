@@ -43,6 +43,16 @@ def test_bad_searches_fail_before_any_service_starts(tmp_path: Path, capsys, con
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_block_shape_larger_than_the_model_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "space.yaml").write_text("family: sisr\nparameters: {}\nfixed: {block_shape: 32x32}\n")
+    (tmp_path / "search.yaml").write_text(f"family: sisr\ntasks: [x2]\narch: {{width: 16}}\n"
+                                          f"search_space: {tmp_path / 'space.yaml'}\n")
+    assert main(["search", str(tmp_path / "search.yaml"), "--workdir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "block shape 32x32 does not fit the sisr model: layer 'head' (16x3 channels) would be one block" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_status_and_promote_without_a_store_say_so(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["status", "--workdir", str(tmp_path)]) == 2
