@@ -95,6 +95,10 @@ class Postgres:
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
 
     def start(self, databases: list[str]) -> None:
+        missing = [tool for tool in ("initdb", "pg_ctl") if shutil.which(tool) is None]
+        if missing:
+            raise RuntimeError(f"the real-service tests need PostgreSQL's server binaries on PATH; {missing[0]} is "
+                               "missing (e.g. apt install postgresql-15, then add /usr/lib/postgresql/15/bin)")
         if os.geteuid() == 0:
             self.os_user = "postgres"
             info = pwd.getpwnam(self.os_user)
