@@ -77,22 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="search a shared model on Ray (Optuna per task, MLflow lineage)")
     search.add_argument("config", help="search config YAML, e.g. search_spaces/examples/tiny-sisr.yaml")
-    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else ./pngrow-runs)")
-    search.add_argument("--optuna-storage", help="Optuna storage URL (default: the config's, else ./pngrow-runs)")
-    search.add_argument("--ray-address", help="Ray cluster address (default: the config's, else in-process Ray)")
-    search.add_argument("--workdir", help="folder for the local defaults (default: the config's, else pngrow-runs)")
-    search.add_argument("--json", help="write the search's summary here")
-    search.add_argument("--quiet", action="store_true", help="print only the final summary")
+    _search_options(search)
     search.set_defaults(handler=_search)
 
     resume = commands.add_parser("resume", help="continue a search whose driver died, keeping its finished work")
     resume.add_argument("search_id", help="the search's id (pngrow status lists them)")
-    resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./pngrow-runs)")
-    resume.add_argument("--workdir", default="pngrow-runs", help="folder of the local default tracking store")
-    resume.add_argument("--optuna-storage", help="Optuna storage URL, needed when the search's had a password")
-    resume.add_argument("--ray-address", help="Ray cluster address (default: the search's)")
-    resume.add_argument("--json", help="write the search's summary here")
-    resume.add_argument("--quiet", action="store_true", help="print only the final summary")
+    _search_options(resume)
     resume.set_defaults(handler=_resume)
 
     status = commands.add_parser("status", help="running and finished searches, their stages and progress")
@@ -115,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "tasks and arch are the base model's)")
     grow.add_argument("--name", help="registered model for the new version (default: the base's, for models:/)")
     grow.add_argument("--alias", help="alias to point at the new version (default: none moves)")
-    for flag in ("--tracking-uri", "--optuna-storage", "--ray-address", "--workdir", "--json"):
-        grow.add_argument(flag, help=search._option_string_actions[flag].help)
-    grow.add_argument("--quiet", action="store_true", help="print only the final summary")
+    _search_options(grow)
     grow.set_defaults(handler=_grow)
 
     report = commands.add_parser("report", help="draw a search's pictures: block sharing, quality vs cost, Pareto")
@@ -149,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("output", help="PNG file to write")
     upscale.set_defaults(handler=_upscale)
     return parser
+
+
+def _search_options(search: argparse.ArgumentParser) -> None:
+    """Where a search's services are (each overrides the config) and what it prints; for search, resume, grow."""
+    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else MLFLOW_TRACKING_URI, "
+                                               "else ./pngrow-runs/mlflow.db)")
+    search.add_argument("--optuna-storage", help="Optuna storage URL (default: the config's, else ./pngrow-runs)")
+    search.add_argument("--ray-address", help="Ray cluster address (default: the config's, else in-process Ray)")
+    search.add_argument("--workdir", help="folder for the local defaults (default: the config's, else pngrow-runs)")
+    search.add_argument("--json", help="write the search's summary here")
+    search.add_argument("--quiet", action="store_true", help="print only the final summary")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +273,8 @@ def _search(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from .config import SearchConfig
 
-    uri = SearchConfig(family="", tasks=[], tracking_uri=args.tracking_uri, workdir=args.workdir).resolved_tracking_uri()
+    uri = SearchConfig(family="", tasks=[], tracking_uri=args.tracking_uri,
+                       workdir=args.workdir or "pngrow-runs").resolved_tracking_uri()
     _run_search(args, None, resume=(args.search_id, uri))
     return 0
 
