@@ -19,7 +19,7 @@ import optuna
 from .._progress import progress_bar
 from ..errors import ConfigError, SearchError
 from ..search_spaces import SearchSpace, load_search_space
-from ..workers.data import IMAGE_SUFFIXES
+from ..workers.data import check_folder
 from ..workers.models import Family, get_family
 from ..workers.png import parse_block_shape
 from .cluster import Cluster
@@ -132,10 +132,10 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> _Plan:
     _check_block_shapes(family, space)
     for name, source in (("train", config.train_data), ("eval", config.eval_data)):
         if source and "://" not in source:
-            if not Path(source).is_dir():
-                raise ConfigError(f"data {name} folder {source!r} does not exist")
-            if not any(p.suffix.lower() in (*IMAGE_SUFFIXES, ".parquet") for p in Path(source).iterdir()):
-                raise ConfigError(f"data {name} folder {source!r} has no images or .parquet shards")
+            try:
+                check_folder(source)
+            except ValueError as exc:
+                raise ConfigError(f"data {name}: {exc}") from None
     if config.init and not Path(config.init).is_file():
         raise ConfigError(f"init weights {config.init!r} do not exist")
     return _Plan(config, family, space, quality, family.metric_directions[quality] == "maximize", base)

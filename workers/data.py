@@ -14,6 +14,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageSet",
     "PatchSampler",
+    "check_folder",
     "decode_image",
     "default_images",
     "load_folder",
@@ -72,6 +73,32 @@ def decode_image(source: str | Path | io.BytesIO, name: str) -> torch.Tensor:
     if array.dtype != np.uint8:
         raise ValueError(f"image {name!r} has {array.dtype} pixels; only 8-bit images are supported")
     return _to_rgb_tensor(array)
+
+
+def check_folder(folder: str | Path) -> int:
+    """Check, without decoding pixels, that every image file in ``folder`` is readable; returns how many there are
+    (Parquet shards counted as files). Raises ``ValueError`` naming the first bad file.
+
+    >>> check_folder("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    ValueError: image folder '/nonexistent' does not exist
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".parquet"))
+    if not files:
+        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images or .parquet shards")
+    for file in files:
+        if file.suffix.lower() == ".parquet":
+            continue
+        try:
+            with Image.open(file) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ValueError(f"cannot read image {str(file)!r}: {exc}") from None
+    return len(files)
 
 
 def write_shard(images: ImageSet, path: str | Path) -> Path:

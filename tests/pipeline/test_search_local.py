@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import skimage.data
+from PIL import Image
 
 from pngrow.pipeline.cli import main
 from pngrow.pipeline.search import union_seconds
@@ -30,7 +31,7 @@ def test_union_of_training_intervals() -> None:
         ("family: sisr\ntasks: [x2]\nobjectives: {quality: ssim}", "quality objective 'ssim' is not one of sisr's"),
         ("family: sisr\ntasks: [x2]\nselect: {rule: cheapest}", "selection rule 'cheapest' is not one of"),
         ("family: sisr\ntasks: [x2, x5]", "SISR task 'x5' is not one of x2, x3, x4, x8"),
-        ("family: sisr\ntasks: [x2]\ndata: {train: /no/such/folder}", "data train folder '/no/such/folder' does not"),
+        ("family: sisr\ntasks: [x2]\ndata: {train: /no/such/folder}", "data train: image folder '/no/such/folder' does"),
         ("family: sisr\ntasks: [x2]\narch: {widht: 8}", "unknown sisr architecture option 'widht'"),
     ],
 )
@@ -40,6 +41,25 @@ def test_bad_searches_fail_before_any_service_starts(tmp_path: Path, capsys, con
     assert main(["search", str(path), "--workdir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_training_images_are_refused_before_the_search_starts(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "train"
+    data.mkdir()
+    Image.new("RGB", (64, 64)).save(data / "good.png")
+    (data / "cut.png").write_bytes((data / "good.png").read_bytes()[:40])
+    (tmp_path / "search.yaml").write_text(f"family: sisr\ntasks: [x2]\ndata: {{train: {data}}}\n")
+    assert main(["search", str(tmp_path / "search.yaml"), "--workdir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"data train: cannot read image '{data / 'cut.png'}'" in err and err.count("\n") == 1
+    (data / "cut.png").unlink()
+    (data / "notes.txt").write_text("not an image")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "search.yaml").write_text(f"family: sisr\ntasks: [x2]\ndata: {{eval: {empty}}}\n")
+    assert main(["search", str(tmp_path / "search.yaml"), "--workdir", str(tmp_path / "runs")]) == 2
+    assert "data eval: image folder" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
