@@ -25,7 +25,7 @@ from ..workers.png import parse_block_shape
 from .cluster import Cluster
 from .config import RayOptions, SearchConfig, redact
 from .preflight import check_artifact_store, check_services
-from .study import RULES, Candidate, distributions, open_study, pareto_front, select
+from .study import RULES, Candidate, distributions, open_study, pareto_front, retrying, select
 from .tracking import Tracking
 from .trial import EvaluationSpec, TrialOutcome, TrialSpec, evaluate_model, run_trial
 
@@ -328,8 +328,9 @@ def _run_stage(plan: _Plan, tracking: Tracking, cluster: Cluster, search_id: str
                intervals: list[tuple[float, float]], log: Log, stage_run: str | None = None) -> StageSummary:
     config, task = plan.config, plan.family.tasks[index]
     study_name = f"pngrow-{search_id}-{index}-{task}"
-    study = open_study(config.resolved_optuna_storage(), study_name, "maximize" if plan.maximize else "minimize",
-                       config.seed + index)
+    storage = redact(config.resolved_optuna_storage()) or ""
+    study = retrying(lambda: open_study(config.resolved_optuna_storage(), study_name,
+                                        "maximize" if plan.maximize else "minimize", config.seed + index), storage)
     lineage = {"search_id": search_id, "task": task, "stage_index": index,
                "task_order": ",".join(plan.family.tasks[: index + 1]), "grown_from_run": parent or "",
                "optuna_study": study_name}
@@ -368,7 +369,8 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
                    log: Log, outcomes: dict[int, TrialOutcome], failed: int) -> StageSummary:
     config, task = plan.config, plan.family.tasks[index]
     dists = distributions(plan.space)
-    study.enqueue_trial(plan.space.defaults(), skip_if_exists=True)
+    storage = redact(config.resolved_optuna_storage()) or ""
+    retrying(lambda: study.enqueue_trial(plan.space.defaults(), skip_if_exists=True), storage)
     pending: dict[Any, tuple[optuna.Trial, str]] = {}
     asked = len(outcomes) + failed
     last_error = "see the trial runs' pngrow.error tags"
@@ -376,13 +378,13 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
     with progress_bar(config.trials_per_stage, "trials", f"stage {task}", initial=asked) as bar:
         while asked < config.trials_per_stage or pending:
             while asked < config.trials_per_stage and len(pending) < parallel:
-                trial = study.ask(dists)
+                trial = retrying(lambda: study.ask(dists), storage)
                 asked += 1
                 settings = asdict(plan.space.settings(trial.params, seed=config.seed + index))
                 run_id = tracking.start_run(f"{task} trial {trial.number}",
                                             {"kind": "trial", **lineage, "optuna_trial": trial.number},
                                             parent=stage_run)
-                trial.set_user_attr("mlflow_run_id", run_id)
+                retrying(lambda: trial.set_user_attr("mlflow_run_id", run_id), storage)
                 spec = TrialSpec(tracking.uri, run_id, plan.family.name, plan.family.tasks, plan.family.arch, task,
                                  parent, settings, config.train_data, config.eval_data, config.eval_limit,
                                  config.init if parent is None else None, config.ray.cpus_per_trial, cluster.device)
@@ -395,14 +397,15 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
             except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
                 failed += 1
                 last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                retrying(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL), storage)
                 tracking.log(run_id, tags={"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:5000]})
                 tracking.end_run(run_id, "FAILED")
                 log(f"[{task}] trial {trial.number} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
                 continue
             outcomes[trial.number] = outcome
             intervals.append((outcome.train_started, outcome.train_ended))
-            study.tell(trial, [outcome.metrics[plan.quality], outcome.cost(config.cost)])
+            values = [outcome.metrics[plan.quality], outcome.cost(config.cost)]
+            retrying(lambda: study.tell(trial, values), storage)
             tracking.end_run(run_id)
             log(f"[{task}] trial {trial.number} ({len(outcomes) + failed}/{config.trials_per_stage}) "
                 f"{_describe(trial.params)}: {plan.quality}={outcome.metrics[plan.quality]:.4g} "

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import optuna
 
+from ..errors import ServiceError
 from ..search_spaces import SearchSpace
 
-__all__ = ["RULES", "Candidate", "distributions", "open_study", "pareto_front", "register_rule", "select"]
+__all__ = ["RULES", "Candidate", "distributions", "open_study", "pareto_front", "register_rule", "retrying", "select"]
+
+T = TypeVar("T")
+# Waits between attempts at an Optuna storage call: about a minute in all before the search gives up.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
+def retrying(call: Callable[[], T], storage: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+    """``call()``, retried with backoff while the Optuna database is unreachable; then a :class:`ServiceError`
+    naming ``storage`` (redact it first), so that the search fails cleanly and can be resumed."""
+    import sqlalchemy.exc
+
+    for delay in (*delays, None):
+        try:
+            return call()
+        except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as exc:
+            if delay is None:
+                reason = (str(exc.__cause__ or exc).strip() or type(exc).__name__).splitlines()[0][:300]
+                raise ServiceError(f"Optuna storage {storage!r} stopped answering: {reason}") from None
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,7 @@ class Postgres:
         self.port = free_ports(1)[0]
         self._run(["initdb", "-D", str(self.root / "data"), "-U", self.user, f"--pwfile={self.root / 'pw'}",
                    "--auth=scram-sha-256", "--no-sync"])
-        self._run(["pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w", "-o",
-                   f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"])
+        self.restart()
         import psycopg
 
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
@@ -120,6 +119,11 @@ class Postgres:
     def stop(self) -> None:
         if (self.root / "data" / "postmaster.pid").exists():
             self._run(["pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop"])
+
+    def restart(self) -> None:
+        """Start the (stopped) cluster on its port with its data."""
+        self._run(["pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w", "-o",
+                   f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"])
 
 
 @dataclass

@@ -4,6 +4,7 @@ its PID mid-stage, then resumed. Each runs the embedded default (in-process Ray,
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,3 +140,38 @@ def test_a_killed_driver_resumes_without_redoing_finished_work(tmp_path: Path, m
     assert main(["search", str(config), "--quiet"]) == 0
     fresh = [r for r in _runs(client, "tags.`pngrow.kind` = 'search'") if r.info.run_id != search_id][0]
     assert fresh.data.tags["pngrow.fingerprint.x2"] == search.data.tags["pngrow.fingerprint.x2"]
+
+
+def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_path: Path, monkeypatch) -> None:
+    from tests.services import Postgres, short_tempdir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = short_tempdir("pngrow-pg-")
+    database = Postgres(root)
+    database.start(["optuna"])
+    try:
+        config = _config(tmp_path, tasks="[x2]")
+        storage = database.url("optuna")
+        args = [sys.executable, "-m", "pngrow", "search", str(config), "--optuna-storage", storage, "--quiet"]
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                  start_new_session=True, text=True)
+        client = _client(tmp_path)
+        _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
+        database.stop()  # the database goes away while trials train
+        _, err = driver.communicate(timeout=300)
+        assert driver.returncode == 2
+        assert err.strip().splitlines()[-1].startswith(
+            f"pngrow: error: Optuna storage 'postgresql://pngrow:***@127.0.0.1:{database.port}/optuna' stopped answering")
+        assert database.password not in err
+        search = _runs(client, "tags.`pngrow.kind` = 'search'")[0]
+        assert search.info.status == "FAILED" and "stopped answering" in search.data.tags["pngrow.error"]
+
+        database.restart()
+        assert main(["resume", search.info.run_id, "--optuna-storage", storage, "--quiet"]) == 0
+        assert client.get_run(search.info.run_id).info.status == "FINISHED"
+        assert not [r for r in _runs(client) if r.info.status == "RUNNING"]
+    finally:
+        database.stop()
+        shutil.rmtree(root, ignore_errors=True)
