@@ -75,6 +75,19 @@ def decode_image(source: str | Path | io.BytesIO, name: str) -> torch.Tensor:
     return _to_rgb_tensor(array)
 
 
+def _folder_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """The image files and the Parquet shards directly inside ``folder``, by name; at least one of them."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    shards = [p for p in files if p.suffix.lower() == ".parquet"]
+    if not images and not shards:
+        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images or .parquet shards")
+    return images, shards
+
+
 def check_folder(folder: str | Path) -> int:
     """Check, without decoding pixels, that every image file in ``folder`` is readable; returns how many there are
     (Parquet shards counted as files). Raises ``ValueError`` naming the first bad file.
@@ -84,21 +97,14 @@ def check_folder(folder: str | Path) -> int:
     ...
     ValueError: image folder '/nonexistent' does not exist
     """
-    path = Path(folder)
-    if not path.is_dir():
-        raise ValueError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".parquet"))
-    if not files:
-        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images or .parquet shards")
-    for file in files:
-        if file.suffix.lower() == ".parquet":
-            continue
+    images, shards = _folder_files(folder)
+    for file in images:
         try:
             with Image.open(file) as img:
                 img.verify()
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise ValueError(f"cannot read image {str(file)!r}: {exc}") from None
-    return len(files)
+    return len(images) + len(shards)
 
 
 def write_shard(images: ImageSet, path: str | Path) -> Path:
@@ -140,15 +146,11 @@ def load_folder(folder: str | Path) -> ImageSet:
     ...
     ValueError: image folder '/nonexistent' does not exist
     """
-    path = Path(folder)
-    if not path.is_dir():
-        raise ValueError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    named = [(p.name, load_image(p)) for p in files]
-    named += read_shards(sorted(p for p in path.iterdir() if p.suffix.lower() == ".parquet" and p.is_file()))
+    images, shards = _folder_files(folder)
+    named = [(p.name, load_image(p)) for p in images] + read_shards(shards)
     if not named:
-        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images or .parquet shards")
-    return ImageSet(str(path), tuple(n for n, _ in named), tuple(im for _, im in named))
+        raise ValueError(f"image folder {str(folder)!r} has no images: its Parquet shards are empty")
+    return ImageSet(str(Path(folder)), tuple(n for n, _ in named), tuple(im for _, im in named))
 
 
 def default_images(split: str) -> ImageSet:
