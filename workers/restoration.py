@@ -34,6 +34,8 @@ def tiles(height: int, width: int, tile: int | None) -> Iterator[tuple[int, int,
     """
     if tile is not None and tile < 1:
         raise ValueError(f"tile {tile!r} must be at least 1 pixel")
+    if height < 1 or width < 1:
+        raise ValueError(f"the image is empty ({width}x{height} pixels)")
     step_h, step_w = (tile, tile) if tile else (height, width)
     for top in range(0, height, step_h):
         for left in range(0, width, step_w):

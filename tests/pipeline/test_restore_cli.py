@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from pngrow import load_shared_model
@@ -78,3 +79,21 @@ def test_bad_restore_input_fails_with_one_line(models, photo: Path, tmp_path: Pa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not list(tmp_path.glob("o.*"))
+
+
+def test_odd_images_get_a_clear_error_or_tiles(models) -> None:
+    from pngrow.workers import restoration
+
+    model = load_shared_model(str(models["sisr"]), progress=False)
+    with pytest.raises(ValueError, match=r"expected a uint8 H x W x 3 image, got uint8 \(8, 8, 4\)"):
+        model.upscale(np.zeros((8, 8, 4), np.uint8), scale=2)
+    with pytest.raises(ValueError, match=r"expected a uint8 H x W x 3 image, got float64"):
+        model.upscale(np.zeros((8, 8, 3)), scale=2)
+    with pytest.raises(ValueError, match="the image is empty"):
+        model.upscale(np.zeros((0, 8, 3), np.uint8), scale=2)
+    # Over 1024 x 1024 pixels an image is processed in tiles, to the same result up to one grey level.
+    big = np.random.default_rng(0).integers(0, 256, (1030, 1040, 3), dtype=np.uint8)
+    assert len(list(restoration.tiles(1030, 1040, restoration._auto_tile(torch.zeros(3, 1030, 1040), None)))) == 4
+    tiled = model.upscale(big, scale=2).astype(int)
+    whole = model.upscale(big, scale=2, tile=2048).astype(int)
+    assert tiled.shape == (2060, 2080, 3) and np.abs(tiled - whole).max() <= 1
