@@ -172,8 +172,11 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def _public(config: SearchConfig) -> dict[str, Any]:
-    """The config as a dict with every URI's password redacted (what MLflow may record)."""
+    """The config as a dict with every URI's password redacted (what MLflow may record). The Optuna storage and the
+    workdir are recorded resolved, so that ``pngrow resume`` finds them from any folder."""
     data = asdict(config)
+    data["optuna_storage"] = config.resolved_optuna_storage()
+    data["workdir"] = str(Path(config.workdir).resolve())
     for key in ("tracking_uri", "optuna_storage", "train_data", "eval_data", "base_model"):
         data[key] = redact(data[key])
     data["ray"]["address"] = redact(data["ray"]["address"])
