@@ -68,21 +68,21 @@ class RestorationModel:
                 raise ValueError("name a task, or a scale of a SISR model")
             task = self.family.task_for_scale(scale)
         x = _tensor(image)
-        count = len(list(restoration.tiles(x.shape[1], x.shape[2], restoration._auto_tile(x, tile))))
+        count = restoration.tile_count(x.shape[1], x.shape[2], tile)
         with self._bar(count, "tiles") as bar:
             return _array(restoration.upscale(self.family, self.shared, task, x, tile, bar.update))
 
     def compress(self, image: Any, task: str, tile: int | None = None) -> bytes:
         """The pngrow bitstream of an H x W x 3 uint8 image at NIC ``task``'s rate."""
         x = _tensor(image)
-        count = len(list(restoration.tiles(x.shape[1], x.shape[2], restoration._auto_tile(x, tile))))
+        count = restoration.tile_count(x.shape[1], x.shape[2], tile)
         with self._bar(count, "tiles") as bar:
             return restoration.encode(self.family, self.shared, task, x, self.version, tile, bar.update)
 
     def decompress(self, data: bytes) -> np.ndarray:
         """The image of a pngrow bitstream (its task is read from the header)."""
         header = restoration.read_header(data)
-        count = len(list(restoration.tiles(header["height"], header["width"], header["tile"])))
+        count = restoration.tile_count(header["height"], header["width"], header["tile"])
         with self._bar(count, "tiles") as bar:
             return _array(restoration.decode(self.family, self.shared, data, bar.update)[1])
 

@@ -18,7 +18,7 @@ from .metrics import quantize
 from .models import Family
 from .png import SharedNetwork
 
-__all__ = ["MAGIC", "decode", "encode", "read_header", "tiles", "upscale"]
+__all__ = ["MAGIC", "decode", "encode", "read_header", "resolve_tile", "tile_count", "tiles", "upscale"]
 
 MAGIC = b"PNGR\x01"
 # Tile side (input pixels) used when a caller asks for none and the image has more pixels than this squared.
@@ -42,10 +42,21 @@ def tiles(height: int, width: int, tile: int | None) -> Iterator[tuple[int, int,
             yield top, left, min(step_h, height - top), min(step_w, width - left)
 
 
-def _auto_tile(image: torch.Tensor, tile: int | None) -> int | None:
-    if tile is None and image.shape[1] * image.shape[2] > AUTO_TILE**2:
+def resolve_tile(height: int, width: int, tile: int | None) -> int | None:
+    """The tile side an image is processed with: ``tile`` when given, :data:`AUTO_TILE` when it is None and the
+    image has more than :data:`AUTO_TILE` squared pixels, else None (the whole image)."""
+    if tile is None and height * width > AUTO_TILE**2:
         return AUTO_TILE
     return tile
+
+
+def tile_count(height: int, width: int, tile: int | None) -> int:
+    """How many tiles :func:`upscale` or :func:`encode` processes for an image (after :func:`resolve_tile`).
+
+    >>> tile_count(1030, 1040, None), tile_count(100, 100, None), tile_count(100, 100, 40)
+    (4, 1, 9)
+    """
+    return len(list(tiles(height, width, resolve_tile(height, width, tile))))
 
 
 def receptive_margin(model: nn.Module) -> int:
@@ -76,7 +87,7 @@ def upscale(family: Family, shared: SharedNetwork, task: str, image: torch.Tenso
         raise ValueError(f"family {family.name!r} does not upscale images; its tasks restore them otherwise")
     shared.task_index(task)
     scale = family.scale(task)
-    tile = _auto_tile(image, tile)
+    tile = resolve_tile(image.shape[1], image.shape[2], tile)
     margin = receptive_margin(shared.model)
     _, h, w = image.shape
     out = torch.empty(3, h * scale, w * scale, dtype=torch.uint8)
@@ -101,7 +112,7 @@ def encode(family: Family, shared: SharedNetwork, task: str, image: torch.Tensor
     if not hasattr(family, "compress"):
         raise ValueError(f"family {family.name!r} does not compress images; its tasks restore them otherwise")
     shared.task_index(task)
-    tile = _auto_tile(image, tile)
+    tile = resolve_tile(image.shape[1], image.shape[2], tile)
     if tile is not None and tile % 64:
         raise ValueError(f"NIC tile {tile!r} is not a multiple of 64, the codec's stride")
     _, h, w = image.shape
