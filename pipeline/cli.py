@@ -162,10 +162,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from .api import is_mlflow_uri, load_shared_model
-    from .config import SearchConfig
+    from .config import tracking_uri
 
-    tracking = SearchConfig(family="", tasks=[]).resolved_tracking_uri() if is_mlflow_uri(args.model) else None
-    return load_shared_model(args.model, args.tracking_uri or tracking, device=args.device)
+    return load_shared_model(args.model, tracking_uri(args.tracking_uri) if is_mlflow_uri(args.model) else None,
+                             device=args.device)
 
 
 def _read_image(path: str):  # noqa: ANN202
@@ -234,11 +234,10 @@ def _tracking_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_tracking(args: argparse.Namespace):  # noqa: ANN202 - imported lazily to keep `pngrow run` light
-    from .config import SearchConfig
+    from .config import tracking_uri
     from .tracking import Tracking
 
-    config = SearchConfig(family="", tasks=[], tracking_uri=args.tracking_uri, workdir=args.workdir)
-    uri = config.resolved_tracking_uri()
+    uri = tracking_uri(args.tracking_uri, args.workdir)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ValueError(f"no pngrow tracking store at {uri!r}: run a search first or pass --tracking-uri")
     tracking = Tracking(uri)
@@ -271,10 +270,9 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from .config import SearchConfig
+    from .config import tracking_uri
 
-    uri = SearchConfig(family="", tasks=[], tracking_uri=args.tracking_uri,
-                       workdir=args.workdir or "pngrow-runs").resolved_tracking_uri()
+    uri = tracking_uri(args.tracking_uri, args.workdir or "pngrow-runs")
     _run_search(args, None, resume=(args.search_id, uri))
     return 0
 

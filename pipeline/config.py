@@ -16,7 +16,13 @@ import yaml
 
 from .._validation import ConfigError, check_keys, typed
 
-__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "load_config", "redact"]
+__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "load_config", "redact", "tracking_uri"]
+
+
+def tracking_uri(uri: str | None = None, workdir: str = "pngrow-runs") -> str:
+    """``uri`` if given, else ``MLFLOW_TRACKING_URI``, else the embedded default: SQLite in ``workdir``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 def redact(uri: str | None) -> str | None:
@@ -76,8 +82,7 @@ class SearchConfig:
 
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in ``workdir``."""
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        return uri or f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+        return tracking_uri(self.tracking_uri, self.workdir)
 
     def resolved_optuna_storage(self) -> str:
         """Optuna's storage URL: the config's, else SQLite in ``workdir``."""
