@@ -17,7 +17,7 @@ with warnings.catch_warnings():
     from compressai.models import MeanScaleHyperprior, ScaleHyperprior
 
 from ..data import ImageSet
-from ..metrics import psnr, quantize
+from ..metrics import ms_ssim, psnr, quantize
 from ..png import SharedNetwork
 from ._family import Family, register_family
 
@@ -61,7 +61,7 @@ class NICFamily(Family):
     arch_defaults: dict[str, Any] = {"codec": "scale-hyperprior", "N": 64, "M": 96, "patch": 128}
     cost_size = 256
     train_defaults: dict[str, Any] = {"grow_steps": 300, "prune_steps": 100, "finetune_steps": 100, "batch_size": 8}
-    metric_directions = {"psnr": "maximize", "bpp": "minimize", "rd_loss": "minimize"}
+    metric_directions = {"psnr": "maximize", "ms_ssim": "maximize", "bpp": "minimize", "rd_loss": "minimize"}
     quality_metric = "rd_loss"
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
@@ -122,15 +122,18 @@ class NICFamily(Family):
         return rec[0].mul(255).round().to(torch.uint8).cpu(), {"bytes": num_bytes, "bpp": 8 * num_bytes / x[0, 0].numel()}
 
     def evaluate(self, shared: SharedNetwork, task: str, images: ImageSet) -> dict[str, float]:
-        """Mean PSNR (RGB), bpp from real bitstreams, and the rate-distortion loss ``lambda * 255^2 * MSE + bpp``."""
-        psnrs, bpps, rd = [], [], []
+        """Mean PSNR and MS-SSIM (RGB), bpp from real bitstreams, and the rate-distortion loss
+        ``lambda * 255^2 * MSE + bpp``."""
+        psnrs, similarity, bpps, rd = [], [], [], []
         for image in images.images:
             rec, figures = self.restore(shared, task, image)
             x, y = image.float().div(255), rec.float().div(255)
             psnrs.append(psnr(y[None], x[None]))
+            similarity.append(ms_ssim(y[None], x[None]))
             bpps.append(figures["bpp"])
             rd.append(lambda_of(task) * 255**2 * F.mse_loss(y, x).item() + figures["bpp"])
-        return {"psnr": sum(psnrs) / len(psnrs), "bpp": sum(bpps) / len(bpps), "rd_loss": sum(rd) / len(rd)}
+        n = len(psnrs)
+        return {"psnr": sum(psnrs) / n, "ms_ssim": sum(similarity) / n, "bpp": sum(bpps) / n, "rd_loss": sum(rd) / n}
 
     def cost_inputs(self, task: str) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, 3, self.cost_size, self.cost_size),)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import ImageSet
-from ..metrics import psnr_y, quantize
+from ..metrics import ms_ssim, psnr_y, quantize
 from ..png import SharedNetwork
 from ._family import Family, register_family
 
@@ -90,13 +90,13 @@ class EDSR(nn.Module):
 
 @register_family("sisr")
 class SISRFamily(Family):
-    """x2/x3/x4 super-resolution; L1 loss; PSNR on Y with the border cropped by the scale."""
+    """x2/x3/x4 super-resolution; L1 loss; PSNR and MS-SSIM on Y with the border cropped by the scale."""
 
     default_tasks = ("x2", "x3", "x4")
     arch_defaults: dict[str, Any] = {"width": 32, "depth": 4, "skip": "bicubic", "lr_patch": 24}
     cost_size = 64
     train_defaults: dict[str, Any] = {"grow_steps": 400, "prune_steps": 150, "finetune_steps": 150, "batch_size": 16}
-    metric_directions = {"psnr": "maximize", "bicubic_psnr": "maximize"}
+    metric_directions = {"psnr": "maximize", "ms_ssim": "maximize", "bicubic_psnr": "maximize"}
     quality_metric = "psnr"
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
@@ -135,15 +135,18 @@ class SISRFamily(Family):
     @torch.no_grad()
     def evaluate(self, shared: SharedNetwork, task: str, images: ImageSet) -> dict[str, float]:
         scale = scale_of(task)
-        ours, bicubic = [], []
+        ours, similarity, bicubic = [], [], []
         for image in images.images:
             h, w = (image.shape[1] // scale) * scale, (image.shape[2] // scale) * scale
             hr = image[None, :, :h, :w].float().div(255).to(shared.device)
             lr = bicubic_downscale(hr, scale)
-            ours.append(psnr_y(quantize(shared(task, lr)), hr, scale))
+            sr = quantize(shared(task, lr))
+            ours.append(psnr_y(sr, hr, scale))
+            similarity.append(ms_ssim(sr, hr, y_border=scale))
             up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
             bicubic.append(psnr_y(quantize(up), hr, scale))
-        return {"psnr": sum(ours) / len(ours), "bicubic_psnr": sum(bicubic) / len(bicubic)}
+        n = len(ours)
+        return {"psnr": sum(ours) / n, "ms_ssim": sum(similarity) / n, "bicubic_psnr": sum(bicubic) / n}
 
     @torch.no_grad()
     def restore(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

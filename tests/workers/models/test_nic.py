@@ -45,7 +45,7 @@ def test_bpp_is_counted_from_real_bitstreams_per_task(tiny_job) -> None:
         assert rec.shape == image.shape
     metrics = result.final_metrics
     for task in family.tasks:
-        assert set(metrics[task]) == {"psnr", "bpp", "rd_loss"} and metrics[task]["bpp"] > 0
+        assert set(metrics[task]) == {"psnr", "ms_ssim", "bpp", "rd_loss"} and metrics[task]["bpp"] > 0
 
 
 def test_each_rate_has_its_own_entropy_model(tiny_job) -> None:

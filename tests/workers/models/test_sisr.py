@@ -70,6 +70,7 @@ def test_tiny_job_serves_every_scale_and_measures_bicubic() -> None:
     report = result.as_dict()
     assert [t["name"] for t in report["tasks"]] == ["x2", "x4"]
     for task in report["tasks"]:
-        assert set(task["metrics"]) == {"psnr", "bicubic_psnr"}
+        assert set(task["metrics"]) == {"psnr", "ms_ssim", "bicubic_psnr"}
+        assert 0 < task["metrics"]["ms_ssim"] <= 1
         assert 0 < task["density"] <= 1 and task["macs"] <= task["dense_macs"]
     assert report["stored_params"] < report["independent_params"]
