@@ -11,7 +11,7 @@ from torch import nn
 
 from ._shared import PRUNABLE_TYPES, SharedLayer, SharedNetwork, TaskRecord
 
-__all__ = ["ModelCost", "TaskCost", "model_cost", "task_cost"]
+__all__ = ["ModelCost", "TaskCost", "count_macs", "model_cost", "task_cost"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,29 @@ def _uses_per_weight(module: nn.Module, inputs: tuple[Any, ...], output: torch.T
         return inputs[0].numel() // module.in_features
     spatial_from = inputs[0] if getattr(module, "transposed", False) else output
     return int(spatial_from.shape[0]) * math.prod(spatial_from.shape[2:])
+
+
+def count_macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
+    """Multiply-accumulates of the Conv/ConvTranspose/Linear layers of any model in one forward on ``inputs``, each
+    layer counted at its weight's full size (for a compacted model, what it really computes).
+
+    >>> count_macs(nn.Conv2d(3, 8, 3, padding=1), torch.zeros(1, 3, 4, 4))
+    3456
+    """
+    total = 0
+
+    def add(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        total += module.weight.numel() * _uses_per_weight(module, inputs, output)
+
+    handles = [m.register_forward_hook(add) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    try:
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 def task_cost(shared: SharedNetwork, task: str, *inputs: Any, **kwargs: Any) -> TaskCost:

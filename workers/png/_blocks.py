@@ -34,6 +34,7 @@ class BlockGrid:
 
     Each block spans the whole kernel. Where a block shape does not divide the plane, the last row
     and column of blocks are smaller (edge blocks), so every channel pair is in exactly one block.
+    A block side at least the plane's spans it whole: ``8x1024`` blocks are groups of 8 output channels.
 
     >>> grid = BlockGrid(plane=(10, 6), block_shape=(4, 4))
     >>> grid.shape
@@ -46,8 +47,14 @@ class BlockGrid:
     block_shape: tuple[int, int]
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def step(self) -> tuple[int, int]:
+        """The block shape clipped to the plane."""
         (rows, cols), (bo, bi) = self.plane, self.block_shape
+        return (min(rows, bo), min(cols, bi))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        (rows, cols), (bo, bi) = self.plane, self.step
         return (-(-rows // bo), -(-cols // bi))
 
     @property
@@ -56,13 +63,13 @@ class BlockGrid:
 
     def expand(self, block_values: torch.Tensor) -> torch.Tensor:
         """Per-block values (grid shaped) spread over the channel plane; differentiable."""
-        (rows, cols), (bo, bi) = self.plane, self.block_shape
+        (rows, cols), (bo, bi) = self.plane, self.step
         full = block_values.repeat_interleave(bo, dim=0).repeat_interleave(bi, dim=1)
         return full[:rows, :cols]
 
     def block_sum(self, plane_values: torch.Tensor) -> torch.Tensor:
         """Sum of plane values inside each block (grid shaped)."""
-        (rows, cols), (bo, bi) = self.plane, self.block_shape
+        (rows, cols), (bo, bi) = self.plane, self.step
         gr, gc = self.shape
         padded = plane_values.new_zeros((gr * bo, gc * bi))
         padded[:rows, :cols] = plane_values
