@@ -13,7 +13,7 @@ from .data import ImageSet, PatchSampler
 from .models import Family
 from .png import ModelCost, SharedNetwork, TaskCost, model_cost, parse_block_shape, task_cost
 
-__all__ = ["JobResult", "StageResult", "StageSettings", "prune_schedule", "run_stage", "train_shared"]
+__all__ = ["JobResult", "Optimisers", "StageResult", "StageSettings", "prune_schedule", "run_stage", "train_shared"]
 
 Log = Callable[[str], None]
 
@@ -68,6 +68,32 @@ class StageResult:
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 
 
+@dataclass
+class Optimisers:
+    """How every training loop here steps: Adam on the weights under a cosine schedule over ``total`` steps, and
+    Adam at 1e-3 on auxiliary parameters (CompressAI's entropy-bottleneck quantiles) with their own loss."""
+
+    main: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    aux: torch.optim.Optimizer | None
+
+    @classmethod
+    def build(cls, param_groups: list[dict[str, Any]], aux: list[torch.nn.Parameter], total: int) -> Optimisers:
+        main = torch.optim.Adam(param_groups)
+        schedule = torch.optim.lr_scheduler.LambdaLR(main, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+        return cls(main, schedule, torch.optim.Adam(aux, lr=1e-3) if aux else None)
+
+    def step(self, loss: torch.Tensor, aux_loss: Callable[[], torch.Tensor | None]) -> None:
+        self.main.zero_grad(set_to_none=True)
+        loss.backward()
+        self.main.step()
+        self.schedule.step()
+        if self.aux is not None:
+            self.aux.zero_grad(set_to_none=True)
+            aux_loss().backward()  # type: ignore[union-attr]
+            self.aux.step()
+
+
 def prune_schedule(ratio: float, steps: int, events: int = 10) -> dict[int, float]:
     """Step (counted from the start of pruning) -> ratio to prune to, on CPG's cubic schedule ending at ``ratio``.
 
@@ -105,10 +131,8 @@ def run_stage(
     param_groups = [{"params": [p for p in groups["weights"] if id(p) not in aux_ids], "lr": settings.lr}]
     if groups["selection"]:
         param_groups.append({"params": groups["selection"], "lr": settings.selection_lr})
-    optimizer = torch.optim.Adam(param_groups)
     total = max(1, settings.total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    aux_optimizer = torch.optim.Adam(aux, lr=1e-3) if aux else None
+    optimisers = Optimisers.build(param_groups, aux, total)
     schedule = prune_schedule(settings.prune_ratio, settings.prune_steps)
     patch = family.patch_size(task)
     history: list[dict[str, float]] = []
@@ -124,14 +148,7 @@ def run_stage(
             loss = loss + settings.reuse_penalty * shared.selection_density()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"task {task!r}: training loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if aux_optimizer is not None:
-            aux_optimizer.zero_grad(set_to_none=True)
-            family.aux_loss(shared).backward()
-            aux_optimizer.step()
+        optimisers.step(loss, lambda: family.aux_loss(shared))
         if step % every == 0 or step == settings.total_steps - 1:
             history.append({"step": step, **figures})
             if on_step is not None:

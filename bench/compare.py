@@ -1,0 +1,371 @@
+"""PnG against what a user would otherwise deploy, under one training budget per family.
+
+Systems, each trained for ``steps`` gradient steps per task at the same batch size, learning rate and schedule:
+
+* ``separate``: one dense model per task (CompressAI's per-quality zoo, BasicSR's per-scale EDSR runs);
+* ``png-<block>``: one PnG shared model per block shape (grow 60%, prune 20%, fine-tune 20% of the steps);
+* ``joint``: one fully shared model trained on all tasks in turn (see :mod:`bench.baselines`).
+
+Measured per task: PSNR and MS-SSIM (SISR on Y, border cropped by the scale; NIC on RGB), bpp from real bitstreams
+(NIC), MACs per forward, and forward latency of every system taking turns on the same input and machine; for PnG also
+the task compacted by :func:`compact_task` (checked against the masked model). Per system: stored parameters against
+one dense model, and NIC's BD-rate against ``separate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pngrow.workers.data import ImageSet, PatchSampler, load_folder
+from pngrow.workers.metrics import bd_rate
+from pngrow.workers.models import Family, get_family
+from pngrow.workers.png import compact_task, count_macs, model_cost, parse_block_shape
+from pngrow.workers.training import StageSettings, train_shared
+
+from .baselines import build_joint, train_joint
+
+__all__ = ["BUDGETS", "Budget", "Row", "main", "run_benchmark"]
+
+DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every system of a family gets: steps per task, batch, model size, and how much is evaluated."""
+
+    tasks: tuple[str, ...]
+    steps: int
+    batch_size: int
+    lr: float
+    arch: dict[str, Any]
+    eval_images: int | None  # the first N of the evaluation folder; None for all
+    latency_size: int  # side of the square input latency is measured on
+    latency_rounds: int
+    block_shapes: tuple[str, ...] = ("4x4", "8x1024")
+    prune_ratio: float = 0.5
+
+
+# quick: 20 minutes on 2 CPU cores; full: a GPU (EDSR-baseline and the CompressAI zoo's N=128, M=192 sizes).
+BUDGETS: dict[tuple[str, str], Budget] = {
+    ("sisr", "quick"): Budget(("x2", "x3", "x4"), 900, 8, 5e-4, {"width": 32, "depth": 4}, None, 96, 15),
+    ("sisr", "full"): Budget(("x2", "x3", "x4"), 30000, 16, 2e-4, {"width": 64, "depth": 16}, None, 256, 30),
+    ("nic", "quick"): Budget(("q7", "q5", "q3", "q1"), 250, 4, 5e-4, {"N": 64, "M": 96}, 6, 256, 15),
+    ("nic", "full"): Budget(("q7", "q5", "q3", "q1"), 100000, 8, 1e-4, {"N": 128, "M": 192}, None, 512, 30),
+}
+
+
+@dataclass
+class Row:
+    """One task of one system."""
+
+    system: str
+    task: str
+    metrics: dict[str, float]
+    macs: int
+    latency_ms: float
+    stored_params: int
+    dense_params: int
+    compact_latency_ms: float | None = None
+    compact_macs: int | None = None
+    compact_params: int | None = None
+    compact_max_error: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("metrics", "extra")}
+        return {**out, **self.metrics, **self.extra}
+
+
+def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> StageSettings:
+    if block_shape is None:  # a dense model: every step grows, nothing is pruned
+        return StageSettings(prune_ratio=0.0, reuse="none", grow_steps=budget.steps, prune_steps=0, finetune_steps=0,
+                             batch_size=budget.batch_size, lr=budget.lr, seed=seed)
+    grow = round(0.6 * budget.steps)
+    prune = round(0.2 * budget.steps)
+    return StageSettings(block_shape=parse_block_shape(block_shape), prune_ratio=budget.prune_ratio, grow_steps=grow,
+                         prune_steps=prune, finetune_steps=budget.steps - grow - prune, batch_size=budget.batch_size,
+                         lr=budget.lr, seed=seed)
+
+
+def _latencies(runs: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median milliseconds of each callable, all taking turns round after round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        for _ in range(rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _max_error(a: Any, b: Any) -> float:
+    if isinstance(a, dict):  # a codec's forward: compare the reconstruction
+        a, b = a["x_hat"], b["x_hat"]
+    return float((a - b).abs().max())
+
+
+def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation: ImageSet, device: str = "cpu",
+                  seed: int = 0, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Any]]:
+    """Train and measure every system; returns the per-task rows and a per-system summary."""
+    family = get_family(family_name, list(budget.tasks), **budget.arch)
+    quiet = lambda message: None  # noqa: E731 - stage logs would drown the benchmark's own
+    first_image = evaluation.limit(1)  # the stage-time check; every system is measured on the whole set below
+    rows: list[Row] = []
+    latency_input = torch.rand(1, 3, budget.latency_size, budget.latency_size,
+                               generator=torch.Generator().manual_seed(seed)).to(device)
+    cost_input = family.cost_inputs(budget.tasks[0])[0].to(device)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    separate = {}
+    for task in budget.tasks:
+        log(f"separate {task}: {budget.steps} steps")
+        one = get_family(family_name, [task], **budget.arch)
+        separate[task] = train_shared(one, [_stage_settings(budget, None, seed)], train, first_image, quiet, device)
+    timings["separate"] = time.perf_counter() - start
+
+    png = {}
+    for shape in budget.block_shapes:
+        start = time.perf_counter()
+        log(f"png-{shape}: {len(budget.tasks)} stages of {budget.steps} steps")
+        settings = [_stage_settings(budget, shape, seed)] * len(budget.tasks)
+        png[shape] = train_shared(family, settings, train, first_image, quiet, device)
+        timings[f"png-{shape}"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    log(f"joint: {budget.steps * len(budget.tasks)} steps over all tasks")
+    joint = build_joint(family).to(device)
+    sampler = PatchSampler(train, max(family.patch_size(t) for t in family.tasks), seed=seed)
+    train_joint(joint, family, sampler, budget.steps, budget.batch_size, budget.lr, seed, quiet)
+    timings["joint"] = time.perf_counter() - start
+
+    # "One dense model" is the mean of the separate ones (SISR's tails differ in size by scale).
+    dense_params = round(statistics.mean(model_cost(job.shared).stored_params for job in separate.values()))
+    stored = {
+        "separate": sum(model_cost(job.shared).stored_params for job in separate.values()),
+        "joint": sum(p.numel() for p in joint.model.parameters()),
+        **{f"png-{shape}": model_cost(job.shared).stored_params for shape, job in png.items()},
+    }
+    log("measuring quality, MACs and latency")
+    for task in budget.tasks:
+        exported = compact_task(separate[task].shared, task, strategies=("dense",))
+        compacted = {shape: compact_task(job.shared, task, latency_input) for shape, job in png.items()}
+        runs: dict[str, Callable[[], Any]] = {
+            "separate": lambda: exported(latency_input),
+            "joint": lambda: joint(task, latency_input),
+        }
+        for shape, job in png.items():
+            runs[f"png-{shape}"] = lambda job=job: job.shared(task, latency_input)
+            runs[f"png-{shape}/compact"] = lambda c=compacted[shape]: c(latency_input)
+        ms = _latencies(runs, budget.latency_rounds, torch.device(device))
+        rows.append(Row("separate", task, family.evaluate(separate[task].shared, task, evaluation),
+                        count_macs(exported, cost_input), ms["separate"], stored["separate"], dense_params))
+        for shape, job in png.items():
+            compact = compacted[shape]
+            with torch.no_grad():
+                error = _max_error(compact(latency_input), job.shared(task, latency_input))
+            stage = next(s for s in job.stages if s.task == task)
+            rows.append(Row(f"png-{shape}", task, family.evaluate(job.shared, task, evaluation), stage.cost.macs,
+                            ms[f"png-{shape}"], stored[f"png-{shape}"], dense_params,
+                            compact_latency_ms=ms[f"png-{shape}/compact"], compact_macs=count_macs(compact, cost_input),
+                            compact_params=compact.parameter_count(), compact_max_error=error,
+                            extra={"density": stage.cost.density, "dense_macs": stage.cost.dense_macs,
+                                   "compact_layers": ",".join(p.strategy for p in compact.plans)}))
+        joint_macs = count_macs(joint, task, cost_input)
+        rows.append(Row("joint", task, family.evaluate(joint, task, evaluation), joint_macs,  # type: ignore[arg-type]
+                        ms["joint"], stored["joint"], dense_params))
+    summary = _summary(family, rows, stored, dense_params, timings)
+    return rows, summary
+
+
+def _summary(family: Family, rows: list[Row], stored: dict[str, int], dense_params: int,
+             timings: dict[str, float]) -> dict[str, Any]:
+    by_system: dict[str, dict[str, Row]] = {}
+    for row in rows:
+        by_system.setdefault(row.system, {})[row.task] = row
+    anchor = by_system["separate"]
+    systems = {}
+    for system, tasks in by_system.items():
+        entry: dict[str, Any] = {
+            "stored_params": stored[system],
+            "stored_vs_one_dense": stored[system] / dense_params,
+            "train_seconds": timings[system],
+        }
+        if family.name == "nic":
+            for metric in ("psnr", "ms_ssim"):
+                curve = [(r.metrics["bpp"], _quality(r.metrics, metric)) for r in tasks.values()]
+                reference = [(r.metrics["bpp"], _quality(r.metrics, metric)) for r in anchor.values()]
+                entry[f"bd_rate_{metric}"] = bd_rate(reference, curve)
+        else:
+            entry["psnr_delta"] = {t: tasks[t].metrics["psnr"] - anchor[t].metrics["psnr"] for t in tasks}
+        if tasks[next(iter(tasks))].compact_latency_ms is not None:
+            entry["compact_speedup"] = {t: anchor[t].latency_ms / r.compact_latency_ms for t, r in tasks.items()}
+        systems[system] = entry
+    return {"family": family.name, "dense_params": dense_params, "systems": systems}
+
+
+def _quality(metrics: dict[str, float], name: str) -> float:
+    # MS-SSIM is compared in decibels, -10 log10(1 - MS-SSIM), as CompressAI's plots do.
+    value = metrics[name]
+    return -10 * math.log10(max(1e-12, 1 - value)) if name == "ms_ssim" else value
+
+
+def markdown(rows: list[Row], summary: dict[str, Any], header: str) -> str:
+    """The benchmark's two tables: per task, then per system."""
+    nic = summary["family"] == "nic"
+    lines = [header, "", "| system | task | PSNR dB | MS-SSIM | " + ("bpp | " if nic else "") +
+             "MACs (M) | latency ms | compacted ms | speedup vs separate | compacted MACs (M) | density |",
+             "|---" * (10 + nic) + "|"]
+    anchor = {r.task: r for r in rows if r.system == "separate"}
+    for r in rows:
+        compact_ms = r.compact_latency_ms if r.compact_latency_ms is not None else r.latency_ms
+        cells = [r.system, r.task, f"{r.metrics['psnr']:.2f}", f"{r.metrics['ms_ssim']:.4f}"]
+        if nic:
+            cells.append(f"{r.metrics['bpp']:.3f}")
+        cells += [f"{r.macs / 1e6:.1f}", f"{r.latency_ms:.1f}",
+                  "" if r.compact_latency_ms is None else f"{r.compact_latency_ms:.1f}",
+                  f"{anchor[r.task].latency_ms / compact_ms:.2f}x",
+                  "" if r.compact_macs is None else f"{r.compact_macs / 1e6:.1f}",
+                  f"{r.extra['density']:.2f}" if "density" in r.extra else "1.00"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| system | stored params | vs one dense model | " +
+              ("BD-rate PSNR | BD-rate MS-SSIM |" if nic else "PSNR vs separate (dB) |") + " training s |",
+              "|---" * (5 + nic) + "|"]
+    for system, entry in summary["systems"].items():
+        if nic:
+            quality = [_percent(entry["bd_rate_psnr"]), _percent(entry["bd_rate_ms_ssim"])]
+        else:
+            quality = [" ".join(f"{t} {d:+.2f}" for t, d in entry["psnr_delta"].items())]
+        lines.append("| " + " | ".join([system, f"{entry['stored_params']:,}", f"{entry['stored_vs_one_dense']:.2f}x",
+                                         *quality, f"{entry['train_seconds']:.0f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float) -> str:
+    return "n/a (no monotone overlap)" if math.isnan(value) else f"{value:+.1f}%"
+
+
+def plot(rows: list[Row], family: str, path: Path) -> Path:
+    """NIC: rate-distortion curves (bpp against PSNR); SISR: PSNR per scale and system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(r.system for r in rows))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if family == "nic":
+        for system in systems:
+            points = sorted((r.metrics["bpp"], r.metrics["psnr"]) for r in rows if r.system == system)
+            ax.plot(*zip(*points), "o-", label=system)
+        ax.set_xlabel("bits per pixel")
+    else:
+        tasks = list(dict.fromkeys(r.task for r in rows))
+        width = 0.8 / len(systems)
+        for i, system in enumerate(systems):
+            values = [next(r.metrics["psnr"] for r in rows if r.system == system and r.task == t) for t in tasks]
+            ax.bar([k + i * width for k in range(len(tasks))], values, width, label=system)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(tasks))], tasks)
+        low = min(r.metrics["psnr"] for r in rows)
+        ax.set_ylim(low - 1, max(r.metrics["psnr"] for r in rows) + 0.5)
+    ax.set_ylabel("PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def machine(device: str) -> str:
+    """The machine in words: CPU cores and model, or the GPU."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{torch.get_num_threads()} CPU threads ({cpu}), torch {torch.__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench sisr --quick``: train and measure every system, write Parquet, Markdown and a PNG plot."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("family", choices=sorted({f for f, _ in BUDGETS}))
+    budget_group = parser.add_mutually_exclusive_group()
+    budget_group.add_argument("--quick", action="store_const", const="quick", dest="budget",
+                              help="the 2-CPU budget (about 20 minutes; the default)")
+    budget_group.add_argument("--full", action="store_const", const="full", dest="budget", help="the GPU budget")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--train", type=Path, default=DATASETS / "train", help="training image folder")
+    parser.add_argument("--eval", type=Path, default=None,
+                        help="evaluation folder (default: ../shared/datasets/kodak for nic, set5 for sisr)")
+    parser.add_argument("--steps", type=int, default=None, help="override the budget's steps per task")
+    parser.add_argument("--block-shapes", default=None, help="PnG block shapes, comma separated (e.g. 4x4,8x1024)")
+    parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    budget_name = args.budget or "quick"
+    budget = BUDGETS[(args.family, budget_name)]
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps {args.steps} must be at least 1")
+        budget = replace(budget, steps=args.steps)
+    if args.block_shapes is not None:
+        shapes = tuple(s.strip() for s in args.block_shapes.split(",") if s.strip())
+        for shape in shapes:
+            try:
+                parse_block_shape(shape)
+            except ValueError as error:
+                parser.error(str(error))
+        budget = replace(budget, block_shapes=shapes)
+    if args.eval_images is not None:
+        budget = replace(budget, eval_images=args.eval_images)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here")
+    eval_folder = args.eval or DATASETS / ("kodak" if args.family == "nic" else "set5")
+    try:
+        train = load_folder(args.train)
+        evaluation = load_folder(eval_folder).limit(budget.eval_images)
+    except ValueError as error:
+        parser.error(f"{error} (--train/--eval name the image folders)")
+    start = time.perf_counter()
+    rows, summary = run_benchmark(args.family, budget, train, evaluation, args.device, args.seed,
+                                  log=lambda message: print(message, file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{args.family}-{budget_name}"
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"{args.family.upper()} benchmark, {budget_name} budget ({budget.steps} steps per task per system, "
+              f"batch {budget.batch_size}, {budget.arch}), evaluated on {len(evaluation)} images of "
+              f"{evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min. Command: `{command}`")
+    import pandas as pd
+
+    pd.DataFrame([r.flat() for r in rows]).to_parquet(stem.with_suffix(".parquet"), index=False)
+    stem.with_suffix(".md").write_text(markdown(rows, summary, header))
+    stem.with_suffix(".json").write_text(json.dumps({**summary, "budget": asdict(budget), "seconds": seconds,
+                                                    "machine": machine(args.device)}, indent=2))
+    plot(rows, args.family, stem.with_suffix(".png"))
+    print(stem.with_suffix(".md").read_text())
+    return 0

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from bench import compare
+from bench.compare import Budget, main, run_benchmark
+from pngrow.workers.data import ImageSet
+from pngrow.workers.metrics import bd_rate
+
+
+def _images(count: int, size: int, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    smooth = [torch.nn.functional.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
+                                              mode="bilinear")[0] for _ in range(count)]
+    return ImageSet("smooth noise", tuple(f"im{i}" for i in range(count)),
+                    tuple((s * 255).round().to(torch.uint8) for s in smooth))
+
+
+TINY_SISR = Budget(("x2", "x4"), 3, 2, 5e-4, {"width": 8, "depth": 1, "lr_patch": 8}, None, 24, 2, ("4x4", "2x1024"))
+TINY_NIC = Budget(("q6", "q4", "q3", "q1"), 2, 2, 5e-4, {"N": 16, "M": 24, "patch": 64}, 1, 64, 2, ("4x1024",))
+
+
+def test_every_system_is_measured_on_every_task_under_the_same_budget() -> None:
+    rows, summary = run_benchmark("sisr", TINY_SISR, _images(2, 64), _images(2, 64, seed=1), log=lambda m: None)
+    systems = ["separate", "png-4x4", "png-2x1024", "joint"]
+    assert [(r.system, r.task) for r in rows] == [(s, t) for t in ("x2", "x4") for s in systems]
+    for row in rows:
+        assert math.isfinite(row.metrics["psnr"]) and 0 < row.metrics["ms_ssim"] <= 1
+        assert row.latency_ms > 0 and row.macs > 0
+        if row.system.startswith("png"):
+            assert row.compact_max_error is not None and row.compact_max_error < 1e-4
+            assert row.compact_latency_ms > 0 and row.macs <= row.compact_macs <= row.extra["dense_macs"]
+    entry = summary["systems"]
+    assert entry["separate"]["stored_vs_one_dense"] == pytest.approx(2.0, rel=0.01)
+    assert entry["png-4x4"]["stored_params"] < entry["separate"]["stored_params"]
+    assert entry["separate"]["psnr_delta"] == {"x2": 0.0, "x4": 0.0}
+    assert set(entry["png-2x1024"]["compact_speedup"]) == {"x2", "x4"}
+
+
+def test_nic_is_compared_by_bd_rate_from_real_bitstreams() -> None:
+    rows, summary = run_benchmark("nic", TINY_NIC, _images(2, 64), _images(2, 64, seed=1), log=lambda m: None)
+    assert {r.system for r in rows} == {"separate", "png-4x1024", "joint"}
+    assert all(r.metrics["bpp"] > 0 for r in rows)
+    anchor = [(r.metrics["bpp"], r.metrics["psnr"]) for r in rows if r.system == "separate"]
+    for system, entry in summary["systems"].items():
+        curve = [(r.metrics["bpp"], r.metrics["psnr"]) for r in rows if r.system == system]
+        expected = bd_rate(anchor, curve)  # NaN where two steps of training leave a degenerate curve
+        assert entry["bd_rate_psnr"] == pytest.approx(expected, nan_ok=True)
+        assert "bd_rate_ms_ssim" in entry
+
+
+def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(compare.BUDGETS, ("sisr", "quick"), TINY_SISR)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, image in zip(("a", "b"), _images(2, 64).images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+    out = tmp_path / "out"
+    assert main(["sisr", "--quick", "--train", str(folder), "--eval", str(folder), "--out", str(out)]) == 0
+    table = pd.read_parquet(out / "sisr-quick.parquet")
+    assert len(table) == 8 and {"psnr", "ms_ssim", "latency_ms", "stored_params"} <= set(table.columns)
+    markdown = (out / "sisr-quick.md").read_text()
+    assert "| png-4x4 | x4 |" in markdown and "python -m bench sisr --quick" in markdown
+    assert json.loads((out / "sisr-quick.json").read_text())["budget"]["steps"] == 3
+    assert (out / "sisr-quick.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["jpeg"], "invalid choice: 'jpeg'"),
+        (["sisr", "--steps", "0"], "--steps 0 must be at least 1"),
+        (["sisr", "--block-shapes", "4by4"], "block shape '4by4'"),
+        (["sisr", "--eval", "/nonexistent"], "'/nonexistent' does not exist"),
+        (["nic", "--device", "cuda:7"], "--device cuda:7"),
+    ],
+)
+def test_bad_arguments_get_one_line_naming_them(argv, message, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
