@@ -17,7 +17,7 @@ from typing import Any, Callable
 import optuna
 
 from .._progress import progress_bar
-from ..errors import ConfigError, SearchError
+from ..errors import ConfigError, SearchError, ServiceError
 from ..search_spaces import SearchSpace, load_search_space
 from ..workers.data import check_folder
 from ..workers.models import Family, get_family
@@ -237,7 +237,7 @@ def _run_search(plan: _Plan, log: Log, resumed: str | None = None) -> SearchResu
     config = plan.config
     start = time.time()
     check_services(config)
-    if config.local_artifact_root():
+    if config.local_artifact_root() or not config.optuna_storage:  # local artifacts or the default SQLite study
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
     check_artifact_store(tracking.client.get_experiment(tracking.experiment_id).artifact_location)
@@ -292,8 +292,12 @@ def _run_search(plan: _Plan, log: Log, resumed: str | None = None) -> SearchResu
         tracking.end_run(search_id)
         return result
     except BaseException as exc:
-        tracking.log(search_id, tags={"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracking.end_run(search_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if not (isinstance(exc, ServiceError) and exc.service == "tracking"):
+            try:
+                tracking.log(search_id, tags={"error": f"{type(exc).__name__}: {exc}"[:5000]})
+                tracking.end_run(search_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            except ServiceError as lost:
+                log(f"could not mark search {search_id} as ended: {lost}")
         raise
     finally:
         if cluster is not None:
@@ -397,6 +401,8 @@ def _search_trials(plan: _Plan, tracking: Tracking, cluster: Cluster, study: opt
             bar.update(1)
             try:
                 outcome: TrialOutcome = cluster.result(ref)
+            except ServiceError:  # the tracking server or artifact store is gone: no later trial could log either
+                raise
             except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
                 failed += 1
                 last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

@@ -29,7 +29,7 @@ def retrying(call: Callable[[], T], storage: str, delays: tuple[float, ...] = RE
         except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as exc:
             if delay is None:
                 reason = (str(exc.__cause__ or exc).strip() or type(exc).__name__).splitlines()[0][:300]
-                raise ServiceError(f"Optuna storage {storage!r} stopped answering: {reason}") from None
+                raise ServiceError(f"Optuna storage {storage!r} stopped answering: {reason}", "optuna") from None
             time.sleep(delay)
     raise AssertionError("unreachable")
 

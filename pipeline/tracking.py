@@ -26,7 +26,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.utils.time import get_current_time_millis
 
-__all__ = ["Tracking", "metric_key", "using"]
+from ..errors import ServiceError
+from .config import redact
+
+__all__ = ["AnsweringClient", "Tracking", "metric_key", "unreachable", "using"]
 
 # pngrow prints its own progress; MLflow's per-download progress bars and "View run at" lines would drown it.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -35,6 +38,61 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 TAG = "pngrow."
 _BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 _PYFUNC_CODE = Path(__file__).with_name("shared_model.py")
+
+
+def unreachable(error: BaseException) -> str | None:
+    """Which service ``error`` says stopped answering ("tracking" or "artifacts"), or None for any other error.
+
+    MLflow's REST client retries with backoff itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``..._BACKOFF_FACTOR``,
+    ``..._TIMEOUT``) and boto3 too (``AWS_MAX_ATTEMPTS``); what reaches here has outlasted those retries.
+    """
+    import boto3.exceptions
+    import botocore.exceptions
+    import requests.exceptions
+
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (botocore.exceptions.ConnectionError, boto3.exceptions.S3UploadFailedError)):
+        return "artifacts"
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return "tracking"
+    text = str(error)
+    if isinstance(error, MlflowException) and "API request to" in text and (
+        "Max retries exceeded" in text or "timed out" in text or "Connection" in text
+    ):
+        return "tracking"
+    return None
+
+
+class AnsweringClient:
+    """An ``MlflowClient`` whose every call turns a tracking server or artifact store that stopped answering (after
+    the libraries' own retries with backoff) into one :class:`ServiceError` naming it, without credentials."""
+
+    def __init__(self, client: MlflowClient, uri: str) -> None:
+        self._client = client
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except Exception as error:
+                service = unreachable(error)
+                if service is None:
+                    raise
+                reason = (str(error).strip() or type(error).__name__).splitlines()[0][:300]
+                if service == "tracking":
+                    what = f"MLflow tracking server {redact(self._uri)!r}"
+                else:
+                    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+                    what = f"artifact store {redact(endpoint)!r}" if endpoint else "artifact store"
+                raise ServiceError(f"{what} stopped answering ({name}): {redact(reason)}", service) from None
+
+        return call
 
 
 @contextlib.contextmanager
@@ -93,7 +151,7 @@ class Tracking:
 
     def __init__(self, uri: str, experiment: str | None = None, artifact_root: str | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.client: MlflowClient = AnsweringClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)  # type: ignore[assignment]
         self.experiment_id = self._experiment(experiment, artifact_root) if experiment else None
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:

@@ -14,4 +14,14 @@ class SearchError(RuntimeError):
 
 
 class ServiceError(SearchError):
-    """A tracking server, database or object store that cannot be reached; the message names it, without secrets."""
+    """A tracking server, database or object store that cannot be reached; the message names it, without secrets.
+
+    ``service`` says which: ``"tracking"``, ``"artifacts"``, ``"optuna"`` or ``"ray"`` (empty when unknown).
+    """
+
+    def __init__(self, message: str, service: str = "") -> None:
+        super().__init__(message)
+        self.service = service
+
+    def __reduce__(self) -> tuple:  # Ray pickles it back to the driver, service and all
+        return (type(self), (str(self), self.service))

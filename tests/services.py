@@ -135,6 +135,7 @@ class SeaweedS3:
     access_key: str = field(default_factory=lambda: "AK" + secrets.token_hex(6))
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     endpoint: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -147,16 +148,24 @@ class SeaweedS3:
         names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                  "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "webdav.port",
                  "admin.port", "admin.port.grpc", "metricsPort", "debug.port"]
-        ports = dict(zip(names, free_ports(len(names))))
-        self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        self.ports = dict(zip(names, free_ports(len(names))))
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         (self.root / "data").mkdir()
+        self._spawn()
+
+    def _spawn(self) -> None:
         self.process = spawn(
             [str(BIN / "weed"), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-s3.config={config}", "-admin.ui=false", f"-bucket={self.bucket}",
-             *(f"-{k}={v}" for k, v in ports.items())],
+             f"-s3.config={self.root / 's3.json'}", "-admin.ui=false", f"-bucket={self.bucket}",
+             *(f"-{k}={v}" for k, v in self.ports.items())],
             self.root / "weed.log",
         )
         wait_until(self._bucket_ready, "SeaweedFS S3", self.process, log=self.root / "weed.log")
+
+    def restart(self) -> None:
+        """Start again on the same ports and data, as an operator bringing the store back would."""
+        self.stop()
+        self._spawn()
 
     def client(self):  # noqa: ANN201
         import boto3
@@ -192,8 +201,8 @@ class MlflowServer:
     uri: str = ""
     process: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        port = free_ports(1)[0]
+    def start(self, port: int | None = None) -> None:
+        port = port or free_ports(1)[0]
         self.uri = f"http://127.0.0.1:{port}"
         self.process = spawn(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend, "--default-artifact-root",
@@ -206,6 +215,11 @@ class MlflowServer:
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process)
+
+    def restart(self) -> None:
+        """Start again on the same port and stores, as an operator bringing the server back would."""
+        self.stop()
+        self.start(int(self.uri.rsplit(":", 1)[1]))
 
 
 @dataclass

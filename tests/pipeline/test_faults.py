@@ -175,3 +175,84 @@ def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_pa
     finally:
         database.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_losing_the_tracking_server_mid_search_fails_cleanly_then_resumes(tmp_path: Path, monkeypatch) -> None:
+    from tests.services import MlflowServer, short_tempdir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = short_tempdir("pngrow-mlflow-")
+    server = MlflowServer(root, f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), {})
+    server.start()
+    try:
+        config = _config(tmp_path, tasks="[x2]")
+        # MLflow's client retries with backoff on its own; shorter here so that the test does not wait minutes.
+        env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), "--tracking-uri",
+                                   server.uri, "--quiet"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, env=env, start_new_session=True, text=True)
+        client = MlflowClient(server.uri)
+        _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
+        server.stop()  # the tracking server goes away while trials train and log
+        _, err = driver.communicate(timeout=300)
+        assert driver.returncode == 2, err
+        assert err.strip().splitlines()[-1].startswith(
+            f"pngrow: error: MLflow tracking server '{server.uri}' stopped answering"), err
+
+        server.restart()
+        search = _runs(client, "tags.`pngrow.kind` = 'search'")[0]
+        assert search.info.status == "RUNNING"  # it could not be marked while the server was gone
+        assert main(["resume", search.info.run_id, "--tracking-uri", server.uri, "--quiet"]) == 0
+        search = client.get_run(search.info.run_id)
+        assert search.info.status == "FINISHED" and search.data.tags["pngrow.attempts"] == "2"
+        assert not [r for r in _runs(client) if r.info.status == "RUNNING"]
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_losing_the_artifact_store_mid_search_fails_cleanly_then_resumes(tmp_path: Path, monkeypatch) -> None:
+    from tests.services import MlflowServer, SeaweedS3, short_tempdir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = short_tempdir("pngrow-s3-")
+    store = SeaweedS3(root / "s3", bucket="pngrow")
+    store.root.mkdir()
+    store.start()
+    server = MlflowServer(root, f"sqlite:///{root / 'mlflow.db'}", "s3://pngrow/mlflow", store.env())
+    try:
+        server.start()
+        config = _config(tmp_path, tasks="[x2]")
+        # boto3 retries on its own (AWS_MAX_ATTEMPTS); fewer here so that the test does not wait long. The store's
+        # credentials go to the pngrow processes only: boto3's default session in this one keeps the first it sees.
+        env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **store.env(),
+               "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+        driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), "--tracking-uri",
+                                   server.uri, "--quiet"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, env=env, start_new_session=True, text=True)
+        client = MlflowClient(server.uri)
+        _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
+        store.stop()  # the object store goes away before the trials upload their checkpoints
+        _, err = driver.communicate(timeout=300)
+        assert driver.returncode == 2, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"pngrow: error: artifact store '{store.endpoint}' stopped answering"), err
+        assert store.secret_key not in err
+        search = _runs(client, "tags.`pngrow.kind` = 'search'")[0]
+        assert search.info.status == "FAILED" and "stopped answering" in search.data.tags["pngrow.error"]
+
+        store.restart()
+        resumed = subprocess.run([sys.executable, "-m", "pngrow", "resume", search.info.run_id, "--tracking-uri",
+                                  server.uri, "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert client.get_run(search.info.run_id).info.status == "FINISHED"
+        assert not [r for r in _runs(client) if r.info.status == "RUNNING"]
+    finally:
+        server.stop()
+        store.stop()
+        shutil.rmtree(root, ignore_errors=True)

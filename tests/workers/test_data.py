@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pngrow.workers.data import PatchSampler, default_images, load_folder, load_image
+from pngrow.workers.data import PatchSampler, check_folder, default_images, load_folder, load_image
 
 
 def _save(path: Path, array: np.ndarray) -> Path:
@@ -70,4 +70,15 @@ def test_parquet_shards_load_beside_image_files(tmp_path: Path) -> None:
     assert all(torch.equal(x, y) for x, y in zip(loaded.images[1:], shard.images))
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 nonsense")
     with pytest.raises(ValueError, match="cannot read Parquet shard '.*bad.parquet'"):
+        load_folder(tmp_path)
+
+
+def test_a_truncated_image_is_refused_by_name_before_and_at_decoding(tmp_path: Path) -> None:
+    whole = _save(tmp_path / "whole.png", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = whole.read_bytes()
+    whole.unlink()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read image '.*cut.png'"):
+        check_folder(tmp_path)
+    with pytest.raises(ValueError, match="cannot read image '.*cut.png'"):
         load_folder(tmp_path)

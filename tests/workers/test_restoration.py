@@ -112,3 +112,35 @@ def test_growing_a_task_leaves_earlier_outputs_bit_identical() -> None:
     _grow(sr_family, sr, "x3", seed=5)
     assert torch.equal(upscale(sr_family, sr, "x2", image), old)
     assert np.array_equal(upscale(sr_family, sr, "x3", image).shape, (3, 192, 216))
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from pngrow.workers.models import get_family
+from pngrow.workers.restoration import upscale
+torch.manual_seed(0)
+family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
+shared = family.build_shared()
+shared.begin_task("x2"); shared.commit(); shared.eval()
+side = int(sys.argv[1])
+image = torch.randint(0, 256, (3, side, side), dtype=torch.uint8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = upscale(family, shared, "x2", image)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(tuple(out.shape), before * 1024, after * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_huge_image_is_upscaled_in_tiles_within_a_memory_bound() -> None:
+    """A 4000 x 4000 image: untiled, the x2 tail's first output alone would be 32 x 16M floats (2 GiB); in the
+    automatic 1024-pixel tiles the whole upscale must add less than that to the process's peak, output included
+    (about 0.9 GiB measured on 2 CPU cores)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "4000"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    shape, before, after = done.stdout.strip().rsplit(")", 1)[0] + ")", *map(int, done.stdout.split(")")[1].split())
+    assert shape == "(3, 8000, 8000)"
+    assert after - before < 1536 * 2**20, f"peak grew by {(after - before) / 2**20:.0f} MiB"
