@@ -16,7 +16,7 @@ class SearchError(RuntimeError):
 class ServiceError(SearchError):
     """A tracking server, database or object store that cannot be reached; the message names it, without secrets.
 
-    ``service`` says which: ``"tracking"``, ``"artifacts"``, ``"optuna"`` or ``"ray"`` (empty when unknown).
+    ``service`` says which: ``"tracking"``, ``"artifacts"`` or ``"optuna"`` (empty when unknown).
     """
 
     def __init__(self, message: str, service: str = "") -> None:
