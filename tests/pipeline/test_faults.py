@@ -64,6 +64,20 @@ def _wait_for(what: str, check, process: subprocess.Popen, timeout: float = 240)
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _lose_service_mid_search(folder: Path, args: list[str], env: dict[str, str], client: MlflowClient,
+                             stop_service) -> str:  # noqa: ANN001
+    """Run ``pngrow search ARGS`` as a driver process, call ``stop_service()`` once a trial trains, and return the
+    driver's stderr; the driver must end with status 2."""
+    driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", *args, "--quiet"], cwd=folder,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                              text=True)
+    _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
+    stop_service()
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == 2, err
+    return err
+
+
 def test_a_nan_trial_fails_alone_and_the_stage_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -153,15 +167,11 @@ def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_pa
     try:
         config = _config(tmp_path, tasks="[x2]")
         storage = database.url("optuna")
-        args = [sys.executable, "-m", "pngrow", "search", str(config), "--optuna-storage", storage, "--quiet"]
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                                  start_new_session=True, text=True)
         client = _client(tmp_path)
-        _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
-        database.stop()  # the database goes away while trials train
-        _, err = driver.communicate(timeout=300)
-        assert driver.returncode == 2
+        # The database goes away while trials train.
+        err = _lose_service_mid_search(tmp_path, [str(config), "--optuna-storage", storage], env, client,
+                                       database.stop)
         assert err.strip().splitlines()[-1].startswith(
             f"pngrow: error: Optuna storage 'postgresql://pngrow:***@127.0.0.1:{database.port}/optuna' stopped answering")
         assert database.password not in err
@@ -191,14 +201,9 @@ def test_losing_the_tracking_server_mid_search_fails_cleanly_then_resumes(tmp_pa
         env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-        driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), "--tracking-uri",
-                                   server.uri, "--quiet"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, env=env, start_new_session=True, text=True)
         client = MlflowClient(server.uri)
-        _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
-        server.stop()  # the tracking server goes away while trials train and log
-        _, err = driver.communicate(timeout=300)
-        assert driver.returncode == 2, err
+        # The tracking server goes away while trials train and log.
+        err = _lose_service_mid_search(tmp_path, [str(config), "--tracking-uri", server.uri], env, client, server.stop)
         assert err.strip().splitlines()[-1].startswith(
             f"pngrow: error: MLflow tracking server '{server.uri}' stopped answering"), err
 
@@ -231,14 +236,9 @@ def test_losing_the_artifact_store_mid_search_fails_cleanly_then_resumes(tmp_pat
         # credentials go to the pngrow processes only: boto3's default session in this one keeps the first it sees.
         env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **store.env(),
                "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
-        driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), "--tracking-uri",
-                                   server.uri, "--quiet"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, env=env, start_new_session=True, text=True)
         client = MlflowClient(server.uri)
-        _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
-        store.stop()  # the object store goes away before the trials upload their checkpoints
-        _, err = driver.communicate(timeout=300)
-        assert driver.returncode == 2, err
+        # The object store goes away before the trials upload their checkpoints.
+        err = _lose_service_mid_search(tmp_path, [str(config), "--tracking-uri", server.uri], env, client, store.stop)
         last = err.strip().splitlines()[-1]
         assert last.startswith(f"pngrow: error: artifact store '{store.endpoint}' stopped answering"), err
         assert store.secret_key not in err
