@@ -321,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval", type=Path, default=None,
                         help="evaluation folder (default: ../shared/datasets/kodak for nic, set5 for sisr)")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's steps per task")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the budget's batch size")
+    parser.add_argument("--latency-size", type=int, default=None,
+                        help="override the side of the square input latency is timed on")
+    parser.add_argument("--latency-rounds", type=int, default=None, help="override how many rounds latency is timed")
     parser.add_argument("--block-shapes", default=None, help="PnG block shapes, comma separated (e.g. 4x4,8x1024)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
@@ -328,10 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budget_name = args.budget or "quick"
     budget = BUDGETS[(args.family, budget_name)]
-    if args.steps is not None:
-        if args.steps < 1:
-            parser.error(f"--steps {args.steps} must be at least 1")
-        budget = replace(budget, steps=args.steps)
+    for name in ("steps", "batch_size", "latency_size", "latency_rounds"):  # Budget fields of the same names
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
+            budget = replace(budget, **{name: value})
     if args.block_shapes is not None:
         shapes = tuple(s.strip() for s in args.block_shapes.split(",") if s.strip())
         for shape in shapes:

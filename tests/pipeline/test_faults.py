@@ -1,5 +1,6 @@
-"""Searches survive faults: a trial whose loss becomes NaN, a trial worker killed by its PID, and a driver killed by
-its PID mid-stage, then resumed. Each runs the embedded default (in-process Ray, SQLite) on a small config."""
+"""Searches survive faults: a trial whose loss becomes NaN, a trial worker killed by its PID, a driver killed by its
+PID mid-stage, then resumed, and the Optuna database, tracking server or object store lost mid-search. The crashes
+run on the embedded default (in-process Ray, SQLite) and again on the cluster stack of the search tests."""
 
 from __future__ import annotations
 
@@ -256,3 +257,62 @@ def test_losing_the_artifact_store_mid_search_fails_cleanly_then_resumes(tmp_pat
         server.stop()
         store.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path: Path) -> None:
+    """The two crashes above on the cluster stack: PostgreSQL for Optuna, an MLflow server with S3 artifacts, and a Ray
+    head in its own process, whose worker (not the driver's child) is killed; resume then reads the committed stage
+    back from S3."""
+    storage = services.postgres.url("optuna_faults")
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **services.env()}
+    cluster = ["--tracking-uri", services.mlflow.uri, "--optuna-storage", storage, "--ray-address",
+               services.ray.address, "--workdir", str(tmp_path / "w"), "--quiet"]
+    driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(_config(tmp_path)), *cluster],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "driver.log").open("wb"),
+                              env=env, start_new_session=True)
+    client = MlflowClient(services.mlflow.uri)
+    started_ms = int(time.time() * 1000) - 1000
+    search_id = _wait_for("the search run", lambda: [
+        r.info.run_id for r in _runs(client, f"tags.`pngrow.kind` = 'search' and attributes.start_time > {started_ms}")
+    ], driver)[0]
+
+    def ours(filter_string: str) -> list:
+        return _runs(client, f"tags.`pngrow.search_id` = '{search_id}' and {filter_string}")
+
+    def training_trial():  # noqa: ANN202
+        for run in ours("tags.`pngrow.kind` = 'trial' and attributes.status = 'RUNNING'"):
+            if "pngrow.worker_pid" in run.data.tags and client.get_metric_history(run.info.run_id, "train/l1"):
+                return run
+        return None
+
+    victim = _wait_for("a stage 1 trial training", training_trial, driver)
+    os.kill(int(victim.data.tags["pngrow.worker_pid"]), signal.SIGKILL)
+
+    def second_stage_trial_finished():  # noqa: ANN202
+        trials = ours("tags.`pngrow.kind` = 'trial' and tags.`pngrow.stage_index` = '1'")
+        return any(t.info.status == "FINISHED" for t in trials)
+
+    _wait_for("a finished trial in stage 2", second_stage_trial_finished, driver, timeout=400)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(30)
+    before = {t.info.run_id: t.info.status for t in ours("tags.`pngrow.kind` = 'trial'")}
+    stage1 = ours("tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '0'")[0]
+    committed = client.get_run(stage1.data.tags["pngrow.chosen_trial_run"]).data.tags["pngrow.fingerprint"]
+
+    resumed = subprocess.run([sys.executable, "-m", "pngrow", "resume", search_id, *cluster], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (tmp_path / "w").exists(), "a search on services must not fall back to local files"
+    search = client.get_run(search_id)
+    assert search.info.status == "FINISHED" and search.data.tags["pngrow.attempts"] == "2"
+    after = {t.info.run_id: t for t in ours("tags.`pngrow.kind` = 'trial'")}
+    assert after[victim.info.run_id].info.status == "FAILED"
+    assert "Worker" in after[victim.info.run_id].data.tags["pngrow.error"]  # Ray's WorkerCrashedError
+    assert all(after[r].info.status == "FINISHED" for r, s in before.items() if s == "FINISHED")
+    assert not ours("attributes.status = 'RUNNING'")
+    # Stage 1 kept its three trials (one failed); stage 2 owed only the trials the crash cut off.
+    assert sorted(t.info.status for t in after.values() if t.data.tags["pngrow.stage_index"] == "0") == [
+        "FAILED", "FINISHED", "FINISHED"]
+    assert sum(t.info.status == "FINISHED" and t.data.tags["pngrow.stage_index"] == "1" for t in after.values()) == 3
+    # The committed task came back from the object store bit-identical.
+    assert search.data.tags["pngrow.fingerprint.x2"] == committed
