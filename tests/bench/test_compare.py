@@ -79,7 +79,7 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
         (["sisr", "--steps", "0"], "--steps 0 must be at least 1"),
         (["sisr", "--latency-rounds", "-2"], "--latency-rounds -2 must be at least 1"),
         (["sisr", "--block-shapes", "4by4"], "block shape '4by4'"),
-        (["sisr", "--eval", "/nonexistent"], "'/nonexistent' does not exist"),
+        (["sisr", "--train", "/nonexistent"], "'/nonexistent' does not exist"),
         (["nic", "--device", "cuda:7"], "--device cuda:7"),
     ],
 )

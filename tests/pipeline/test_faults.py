@@ -44,9 +44,10 @@ def _runs(client: MlflowClient, filter_string: str = "") -> list:
     return [] if experiment is None else client.search_runs([experiment.experiment_id], filter_string)
 
 
-def _start_driver(folder: Path, config: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), "--quiet"], cwd=folder,
+def _start_driver(folder: Path, config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``pngrow search CONFIG ARGS --quiet`` as its own process session, its stderr in ``driver.log``."""
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), *args, "--quiet"], cwd=folder,
                             stdout=subprocess.DEVNULL, stderr=(folder / "driver.log").open("wb"), env=env,
                             start_new_session=True)
 
@@ -264,12 +265,9 @@ def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path
     head in its own process, whose worker (not the driver's child) is killed; resume then reads the committed stage
     back from S3."""
     storage = services.postgres.url("optuna_faults")
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **services.env()}
     cluster = ["--tracking-uri", services.mlflow.uri, "--optuna-storage", storage, "--ray-address",
-               services.ray.address, "--workdir", str(tmp_path / "w"), "--quiet"]
-    driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(_config(tmp_path)), *cluster],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "driver.log").open("wb"),
-                              env=env, start_new_session=True)
+               services.ray.address, "--workdir", str(tmp_path / "w")]
+    driver = _start_driver(tmp_path, _config(tmp_path), *cluster, env=services.env())
     client = MlflowClient(services.mlflow.uri)
     started_ms = int(time.time() * 1000) - 1000
     search_id = _wait_for("the search run", lambda: [
@@ -299,8 +297,9 @@ def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path
     stage1 = ours("tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '0'")[0]
     committed = client.get_run(stage1.data.tags["pngrow.chosen_trial_run"]).data.tags["pngrow.fingerprint"]
 
-    resumed = subprocess.run([sys.executable, "-m", "pngrow", "resume", search_id, *cluster], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **services.env()}
+    resumed = subprocess.run([sys.executable, "-m", "pngrow", "resume", search_id, *cluster, "--quiet"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (tmp_path / "w").exists(), "a search on services must not fall back to local files"
     search = client.get_run(search_id)
