@@ -54,6 +54,7 @@ class Budget:
     latency_rounds: int
     block_shapes: tuple[str, ...] = ("4x4", "8x1024")
     prune_ratio: float = 0.5
+    reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects
 
 
 # quick: 20 minutes on 2 CPU cores; full: a GPU (EDSR-baseline and the CompressAI zoo's N=128, M=192 sizes).
@@ -95,7 +96,7 @@ def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> Stage
     prune = round(0.2 * budget.steps)
     return StageSettings(block_shape=parse_block_shape(block_shape), prune_ratio=budget.prune_ratio, grow_steps=grow,
                          prune_steps=prune, finetune_steps=budget.steps - grow - prune, batch_size=budget.batch_size,
-                         lr=budget.lr, seed=seed)
+                         lr=budget.lr, reuse_penalty=budget.reuse_penalty, seed=seed)
 
 
 def _latencies(runs: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, float]:
@@ -326,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override the side of the square input latency is timed on")
     parser.add_argument("--latency-rounds", type=int, default=None, help="override how many rounds latency is timed")
     parser.add_argument("--block-shapes", default=None, help="PnG block shapes, comma separated (e.g. 4x4,8x1024)")
+    parser.add_argument("--reuse-penalty", type=float, default=None,
+                        help="PnG's loss weight on the share of earlier blocks a later task reuses (default 0)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     parser.add_argument("--seed", type=int, default=0)
@@ -348,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = replace(budget, block_shapes=shapes)
     if args.eval_images is not None:
         budget = replace(budget, eval_images=args.eval_images)
+    if args.reuse_penalty is not None:
+        if not args.reuse_penalty >= 0:
+            parser.error(f"--reuse-penalty {args.reuse_penalty} must be at least 0")
+        budget = replace(budget, reuse_penalty=args.reuse_penalty)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here")
     eval_folder = args.eval or DATASETS / ("kodak" if args.family == "nic" else "set5")
@@ -364,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = args.out / f"{args.family}-{budget_name}"
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"{args.family.upper()} benchmark, {budget_name} budget ({budget.steps} steps per task per system, "
-              f"batch {budget.batch_size}, {budget.arch}), evaluated on {len(evaluation)} images of "
+              f"batch {budget.batch_size}, {budget.arch}, PnG reuse penalty {budget.reuse_penalty:g}), evaluated on {len(evaluation)} images of "
               f"{evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min. Command: `{command}`")
     import pandas as pd
 

@@ -63,12 +63,15 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
     for name, image in zip(("a", "b"), _images(2, 64).images):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
     out = tmp_path / "out"
-    assert main(["sisr", "--quick", "--train", str(folder), "--eval", str(folder), "--out", str(out)]) == 0
+    assert main(["sisr", "--quick", "--train", str(folder), "--eval", str(folder), "--out", str(out),
+                 "--reuse-penalty", "0.5"]) == 0
     table = pd.read_parquet(out / "sisr-quick.parquet")
     assert len(table) == 8 and {"psnr", "ms_ssim", "latency_ms", "stored_params"} <= set(table.columns)
     markdown = (out / "sisr-quick.md").read_text()
     assert "| png-4x4 | x4 |" in markdown and "python -m bench sisr --quick" in markdown
-    assert json.loads((out / "sisr-quick.json").read_text())["budget"]["steps"] == 3
+    assert "PnG reuse penalty 0.5" in markdown
+    budget = json.loads((out / "sisr-quick.json").read_text())["budget"]
+    assert budget["steps"] == 3 and budget["reuse_penalty"] == 0.5
     assert (out / "sisr-quick.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -79,6 +82,8 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
         (["sisr", "--steps", "0"], "--steps 0 must be at least 1"),
         (["sisr", "--latency-rounds", "-2"], "--latency-rounds -2 must be at least 1"),
         (["sisr", "--block-shapes", "4by4"], "block shape '4by4'"),
+        (["sisr", "--reuse-penalty", "-0.5"], "--reuse-penalty -0.5 must be at least 0"),
+        (["sisr", "--reuse-penalty", "nan"], "--reuse-penalty nan must be at least 0"),
         (["sisr", "--train", "/nonexistent"], "'/nonexistent' does not exist"),
         (["nic", "--device", "cuda:7"], "--device cuda:7"),
     ],
