@@ -371,8 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = args.out / f"{args.family}-{budget_name}"
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"{args.family.upper()} benchmark, {budget_name} budget ({budget.steps} steps per task per system, "
-              f"batch {budget.batch_size}, {budget.arch}, PnG reuse penalty {budget.reuse_penalty:g}), evaluated on {len(evaluation)} images of "
-              f"{evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min. Command: `{command}`")
+              f"batch {budget.batch_size}, {budget.arch}, PnG reuse penalty {budget.reuse_penalty:g}), evaluated on "
+              f"{len(evaluation)} images of {evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min. "
+              f"Command: `{command}`")
     import pandas as pd
 
     pd.DataFrame([r.flat() for r in rows]).to_parquet(stem.with_suffix(".parquet"), index=False)

@@ -148,7 +148,8 @@ def run_stage(
     if groups["selection"]:
         param_groups.append({"params": groups["selection"], "lr": settings.selection_lr})
     total = max(1, settings.total_steps)
-    optimisers = Optimisers.build(param_groups, aux, (settings.grow_steps, settings.prune_steps + settings.finetune_steps))
+    phases = (settings.grow_steps, settings.prune_steps + settings.finetune_steps)
+    optimisers = Optimisers.build(param_groups, aux, phases)
     schedule = prune_schedule(settings.prune_ratio, settings.prune_steps)
     patch = family.patch_size(task)
     history: list[dict[str, float]] = []
