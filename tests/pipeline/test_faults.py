@@ -44,12 +44,19 @@ def _runs(client: MlflowClient, filter_string: str = "") -> list:
     return [] if experiment is None else client.search_runs([experiment.experiment_id], filter_string)
 
 
-def _start_driver(folder: Path, config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``pngrow search CONFIG ARGS --quiet`` as its own process session, its stderr in ``driver.log``."""
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})}
+def _driver_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a pngrow subprocess, without a tracking URI and with ``extra`` on top."""
+    return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(extra or {})}
+
+
+def _start_driver(folder: Path, config: Path, *args: str, env: dict[str, str] | None = None,
+                  capture: bool = False) -> subprocess.Popen:
+    """``pngrow search CONFIG ARGS --quiet`` as its own process session (``env`` added to the environment), its
+    stderr in ``driver.log``, or readable as text from the process with ``capture``."""
+    stderr = subprocess.PIPE if capture else (folder / "driver.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), *args, "--quiet"], cwd=folder,
-                            stdout=subprocess.DEVNULL, stderr=(folder / "driver.log").open("wb"), env=env,
-                            start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=stderr, env=_driver_env(env), start_new_session=True,
+                            text=capture)
 
 
 def _wait_for(what: str, check, process: subprocess.Popen, timeout: float = 240):  # noqa: ANN001, ANN202
@@ -66,13 +73,11 @@ def _wait_for(what: str, check, process: subprocess.Popen, timeout: float = 240)
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _lose_service_mid_search(folder: Path, args: list[str], env: dict[str, str], client: MlflowClient,
+def _lose_service_mid_search(folder: Path, config: Path, args: list[str], env: dict[str, str], client: MlflowClient,
                              stop_service) -> str:  # noqa: ANN001
-    """Run ``pngrow search ARGS`` as a driver process, call ``stop_service()`` once a trial trains, and return the
-    driver's stderr; the driver must end with status 2."""
-    driver = subprocess.Popen([sys.executable, "-m", "pngrow", "search", *args, "--quiet"], cwd=folder,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
-                              text=True)
+    """Run ``pngrow search CONFIG ARGS`` as a driver process (``env`` added to the environment), call
+    ``stop_service()`` once a trial trains, and return the driver's stderr; the driver must end with status 2."""
+    driver = _start_driver(folder, config, *args, env=env, capture=True)
     _wait_for("a trial training", lambda: _runs(client, "tags.`pngrow.kind` = 'trial'"), driver)
     stop_service()
     _, err = driver.communicate(timeout=300)
@@ -169,11 +174,9 @@ def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_pa
     try:
         config = _config(tmp_path, tasks="[x2]")
         storage = database.url("optuna")
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         client = _client(tmp_path)
         # The database goes away while trials train.
-        err = _lose_service_mid_search(tmp_path, [str(config), "--optuna-storage", storage], env, client,
-                                       database.stop)
+        err = _lose_service_mid_search(tmp_path, config, ["--optuna-storage", storage], {}, client, database.stop)
         assert err.strip().splitlines()[-1].startswith(
             f"pngrow: error: Optuna storage 'postgresql://pngrow:***@127.0.0.1:{database.port}/optuna' stopped answering")
         assert database.password not in err
@@ -200,12 +203,11 @@ def test_losing_the_tracking_server_mid_search_fails_cleanly_then_resumes(tmp_pa
     try:
         config = _config(tmp_path, tasks="[x2]")
         # MLflow's client retries with backoff on its own; shorter here so that the test does not wait minutes.
-        env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
         client = MlflowClient(server.uri)
         # The tracking server goes away while trials train and log.
-        err = _lose_service_mid_search(tmp_path, [str(config), "--tracking-uri", server.uri], env, client, server.stop)
+        err = _lose_service_mid_search(tmp_path, config, ["--tracking-uri", server.uri], env, client, server.stop)
         assert err.strip().splitlines()[-1].startswith(
             f"pngrow: error: MLflow tracking server '{server.uri}' stopped answering"), err
 
@@ -236,11 +238,10 @@ def test_losing_the_artifact_store_mid_search_fails_cleanly_then_resumes(tmp_pat
         config = _config(tmp_path, tasks="[x2]")
         # boto3 retries on its own (AWS_MAX_ATTEMPTS); fewer here so that the test does not wait long. The store's
         # credentials go to the pngrow processes only: boto3's default session in this one keeps the first it sees.
-        env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **store.env(),
-               "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+        env = {**store.env(), "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
         client = MlflowClient(server.uri)
         # The object store goes away before the trials upload their checkpoints.
-        err = _lose_service_mid_search(tmp_path, [str(config), "--tracking-uri", server.uri], env, client, store.stop)
+        err = _lose_service_mid_search(tmp_path, config, ["--tracking-uri", server.uri], env, client, store.stop)
         last = err.strip().splitlines()[-1]
         assert last.startswith(f"pngrow: error: artifact store '{store.endpoint}' stopped answering"), err
         assert store.secret_key not in err
@@ -249,8 +250,8 @@ def test_losing_the_artifact_store_mid_search_fails_cleanly_then_resumes(tmp_pat
 
         store.restart()
         resumed = subprocess.run([sys.executable, "-m", "pngrow", "resume", search.info.run_id, "--tracking-uri",
-                                  server.uri, "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                 timeout=600)
+                                  server.uri, "--quiet"], cwd=tmp_path, env=_driver_env(env), capture_output=True,
+                                 text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert client.get_run(search.info.run_id).info.status == "FINISHED"
         assert not [r for r in _runs(client) if r.info.status == "RUNNING"]
@@ -297,9 +298,8 @@ def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path
     stage1 = ours("tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '0'")[0]
     committed = client.get_run(stage1.data.tags["pngrow.chosen_trial_run"]).data.tags["pngrow.fingerprint"]
 
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **services.env()}
     resumed = subprocess.run([sys.executable, "-m", "pngrow", "resume", search_id, *cluster, "--quiet"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                             cwd=tmp_path, env=_driver_env(services.env()), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (tmp_path / "w").exists(), "a search on services must not fall back to local files"
     search = client.get_run(search_id)
