@@ -16,10 +16,37 @@ import numpy as np
 import torch
 
 from ..workers import restoration
-from ..workers.models import Family, load_model
+from ..workers.models import Codec, Family, Upscaler, load_model
 from ..workers.png import CheckpointError, SharedNetwork, read_description
 
-__all__ = ["RestorationModel", "is_mlflow_uri", "load_shared_model", "resolve_checkpoint"]
+__all__ = ["RestorationModel", "check_device", "is_mlflow_uri", "load_shared_model", "resolve_checkpoint"]
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or a ``ValueError`` naming it when it is not one or this machine lacks it.
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: device 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1, mps)
+    """
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} is not available: this machine has no CUDA device")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s)")
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as exc:  # torch says "not compiled with ..." by AssertionError
+        raise ValueError(f"device {device!r} is not available on this machine: {str(exc).splitlines()[0]}") from None
+    return parsed
 
 
 def is_mlflow_uri(uri: str) -> bool:
@@ -53,6 +80,7 @@ class RestorationModel:
 
     @property
     def tasks(self) -> list[str]:
+        """The model's tasks, in the order they were grown."""
         return self.shared.task_names
 
     def _bar(self, total: int, what: str) -> Any:
@@ -64,7 +92,7 @@ class RestorationModel:
                 tile: int | None = None) -> np.ndarray:
         """Super-resolve an H x W x 3 uint8 image with ``task`` (or the task of ``scale``)."""
         if task is None:
-            if scale is None or not hasattr(self.family, "task_for_scale"):
+            if scale is None or not isinstance(self.family, Upscaler):
                 raise ValueError("name a task, or a scale of a SISR model")
             task = self.family.task_for_scale(scale)
         x = _tensor(image)
@@ -88,7 +116,7 @@ class RestorationModel:
 
     def restore(self, image: Any, task: str) -> np.ndarray:
         """What ``task`` makes of the image: upscaled (SISR) or coded and decoded (NIC)."""
-        if hasattr(self.family, "compress"):
+        if isinstance(self.family, Codec):
             return self.decompress(self.compress(image, task))
         return self.upscale(image, task)
 
@@ -129,7 +157,9 @@ def resolve_checkpoint(uri: str, dest: str | Path, tracking_uri: str | None = No
 
 def load_shared_model(uri: str, tracking_uri: str | None = None, device: str = "cpu",
                       progress: bool = True) -> RestorationModel:
-    """Load a shared model from a folder or MLflow (see :func:`resolve_checkpoint`) for restoring images."""
+    """Load a shared model from a folder or MLflow (see :func:`resolve_checkpoint`) for restoring images on
+    ``device`` (a ``ValueError`` naming it where this machine lacks it)."""
+    check_device(device)
     with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
         folder, version = resolve_checkpoint(uri, tmp, tracking_uri)
         family, shared = load_model(folder)

@@ -72,6 +72,7 @@ class Cluster:
 
     @staticmethod
     def wait_one(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
+        """One of ``refs`` whose task has ended (blocks until one has)."""
         done, _ = ray.wait(refs, num_returns=1)
         return done[0]
 
@@ -85,4 +86,5 @@ class Cluster:
             raise (cause if isinstance(cause, Exception) else exc.as_instanceof_cause()) from None
 
     def close(self) -> None:
+        """Disconnect from Ray (stopping it when it was started here)."""
         ray.shutdown()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ import yaml
 
 from .._validation import ConfigError, check_keys, typed
 
-__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "load_config", "redact", "tracking_uri"]
+__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "flat_params", "load_config", "public_config", "redact",
+           "tracking_uri"]
 
 
 def tracking_uri(uri: str | None = None, workdir: str = "pngrow-runs") -> str:
@@ -33,7 +34,9 @@ def redact(uri: str | None) -> str | None:
     """
     return None if uri is None else re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", uri)
 
-COST_OBJECTIVES = ("density", "stored_params")
+# Costs a search can minimise beside quality: the share of weights a task computes with, the stored parameters of the
+# whole model, and the measured median latency of the task compacted (``latency``, in ms, on the trial's device).
+COST_OBJECTIVES = ("density", "stored_params", "latency")
 _TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "objectives", "select", "seed",
         "tracking", "optuna_storage", "ray", "workdir", "init", "base_model"}
 
@@ -68,7 +71,9 @@ class SearchConfig:
     trials_per_stage: int = 8
     parallel_trials: int = 2
     quality: str = ""  # evaluation metric to optimise; empty: the family's
-    cost: str = "density"
+    costs: tuple[str, ...] = ("density",)  # one or more of COST_OBJECTIVES; the first is the rules' cost
+    latency_size: int = 0  # side of the square input the latency cost is measured on; 0: the family's
+    latency_rounds: int = 10
     rule: str = "sparsest_within"
     tolerance: float = 0.1
     seed: int = 0
@@ -79,6 +84,16 @@ class SearchConfig:
     workdir: str = "pngrow-runs"
     init: str | None = None  # dense safetensors weights task 1 starts from
     base_model: str | None = None  # a released shared model (folder or models:/ URI) that ``tasks`` grow into
+
+    @property
+    def cost(self) -> str:
+        """The cost the selection rules and the Pareto pictures use: the first of :attr:`costs`."""
+        return self.costs[0]
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether trials time their compacted task (a ``latency`` cost, or a rule that reads it)."""
+        return "latency" in self.costs or self.rule == "fastest_within"
 
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in ``workdir``."""
@@ -120,6 +135,39 @@ def _positive(value: int, field: str) -> int:
     return value
 
 
+def _not_negative(value: float, field: str) -> float:
+    if not value >= 0:  # NaN too
+        raise ConfigError(f"{field} is {value!r}, must not be negative")
+    return value
+
+
+def _ray_options(raw: Any, where: str) -> RayOptions:
+    raw = check_keys(raw, f"{where} field 'ray'", set(RayOptions.__dataclass_fields__))
+    where = f"{where} ray"
+    return RayOptions(
+        address=_optional(raw, "address", where, str),
+        num_cpus=_optional(raw, "num_cpus", where, int),
+        cpus_per_trial=_positive(typed(raw.get("cpus_per_trial", 1), f"{where} field 'cpus_per_trial'", int),
+                                 f"{where} field 'cpus_per_trial'"),
+        gpus_per_trial=_not_negative(typed(raw.get("gpus_per_trial", 1.0), f"{where} field 'gpus_per_trial'", float),
+                                     f"{where} field 'gpus_per_trial'"),
+        max_retries=typed(raw.get("max_retries", 1), f"{where} field 'max_retries'", int),
+    )
+
+
+def _read(path: str | Path, where: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The config file's top level, known fields only, with ``overrides`` that are not None put in."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} does not exist")
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = dict(check_keys(raw, where, _TOP, {"family", "tasks"}))
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return raw
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
     """Read and check a search config; ``overrides`` (e.g. from the command line) replace top-level fields.
 
@@ -129,42 +177,22 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     pngrow.errors.ConfigError: search config 'missing.yaml' does not exist
     """
     where = f"search config {str(path)!r}"
-    if not Path(path).is_file():
-        raise ConfigError(f"{where} does not exist")
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    raw = dict(check_keys(raw, where, _TOP, {"family", "tasks"}))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            raw[key] = value
+    raw = _read(path, where, overrides or {})
     tasks = typed(raw["tasks"], f"{where} field 'tasks'", list)
     if not tasks or not all(isinstance(t, str) for t in tasks):
         raise ConfigError(f"{where} field 'tasks' is {tasks!r}, not a non-empty list of task names")
     data = check_keys(raw.get("data") or {}, f"{where} field 'data'", {"train", "eval", "eval_limit"})
     budget = check_keys(raw.get("budget") or {}, f"{where} field 'budget'", {"trials_per_stage", "parallel_trials"})
-    objectives = check_keys(raw.get("objectives") or {}, f"{where} field 'objectives'", {"quality", "cost"})
+    objectives = check_keys(raw.get("objectives") or {}, f"{where} field 'objectives'", {"quality", "cost", "latency"})
     select = check_keys(raw.get("select") or {}, f"{where} field 'select'", {"rule", "tolerance"})
     tracking = check_keys(raw.get("tracking") or {}, f"{where} field 'tracking'", {"uri", "experiment"})
-    ray_raw = check_keys(raw.get("ray") or {}, f"{where} field 'ray'", set(RayOptions.__dataclass_fields__))
-    cost = typed(objectives.get("cost", "density"), f"{where} objectives field 'cost'", str)
-    if cost not in COST_OBJECTIVES:
-        raise ConfigError(f"{where} objectives field 'cost' is {cost!r}, not one of {', '.join(COST_OBJECTIVES)}")
-    ray_options = RayOptions(
-        address=_optional(ray_raw, "address", f"{where} ray", str),
-        num_cpus=_optional(ray_raw, "num_cpus", f"{where} ray", int),
-        cpus_per_trial=_positive(typed(ray_raw.get("cpus_per_trial", 1), f"{where} ray field 'cpus_per_trial'", int),
-                                 f"{where} ray field 'cpus_per_trial'"),
-        gpus_per_trial=typed(ray_raw.get("gpus_per_trial", 1.0), f"{where} ray field 'gpus_per_trial'", float),
-        max_retries=typed(ray_raw.get("max_retries", 1), f"{where} ray field 'max_retries'", int),
-    )
+    costs = _costs(objectives.get("cost", "density"), f"{where} objectives field 'cost'")
+    latency = check_keys(objectives.get("latency") or {}, f"{where} objectives field 'latency'", {"size", "rounds"})
     eval_limit = _optional(data, "eval_limit", f"{where} data", int)
     if eval_limit is not None:
         _positive(eval_limit, f"{where} data field 'eval_limit'")
-    tolerance = typed(select.get("tolerance", 0.1), f"{where} select field 'tolerance'", float)
-    if tolerance < 0:
-        raise ConfigError(f"{where} select field 'tolerance' is {tolerance!r}, must not be negative")
+    tolerance = _not_negative(typed(select.get("tolerance", 0.1), f"{where} select field 'tolerance'", float),
+                              f"{where} select field 'tolerance'")
     return SearchConfig(
         family=typed(raw["family"], f"{where} field 'family'", str),
         tasks=list(tasks),
@@ -179,15 +207,56 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         parallel_trials=_positive(typed(budget.get("parallel_trials", 2), f"{where} budget field 'parallel_trials'",
                                         int), f"{where} budget field 'parallel_trials'"),
         quality=typed(objectives.get("quality", ""), f"{where} objectives field 'quality'", str),
-        cost=cost,
+        costs=costs,
+        latency_size=_not_negative(typed(latency.get("size", 0), f"{where} objectives latency field 'size'", int),
+                                   f"{where} objectives latency field 'size'"),
+        latency_rounds=_positive(typed(latency.get("rounds", 10), f"{where} objectives latency field 'rounds'", int),
+                                 f"{where} objectives latency field 'rounds'"),
         rule=typed(select.get("rule", "sparsest_within"), f"{where} select field 'rule'", str),
         tolerance=tolerance,
         seed=typed(raw.get("seed", 0), f"{where} field 'seed'", int),
         tracking_uri=_optional(tracking, "uri", f"{where} tracking", str),
         experiment=typed(tracking.get("experiment", "pngrow"), f"{where} tracking field 'experiment'", str),
         optuna_storage=_optional(raw, "optuna_storage", where, str),
-        ray=ray_options,
+        ray=_ray_options(raw.get("ray") or {}, where),
         workdir=typed(raw.get("workdir", "pngrow-runs"), f"{where} field 'workdir'", str),
         init=_optional(raw, "init", where, str),
         base_model=_optional(raw, "base_model", where, str),
     )
+
+
+def _costs(value: Any, field: str) -> tuple[str, ...]:
+    """One cost name or a list of distinct ones, each in :data:`COST_OBJECTIVES`."""
+    names = [value] if isinstance(value, str) else typed(value, field, list)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"{field} is {value!r}: name one cost, or a list of distinct costs")
+    for name in names:
+        if name not in COST_OBJECTIVES:
+            raise ConfigError(f"{field} names {name!r}, not one of {', '.join(COST_OBJECTIVES)}")
+    return tuple(names)
+
+
+def public_config(config: SearchConfig) -> dict[str, Any]:
+    """The config as a dict with every URI's password redacted (what MLflow may record). The Optuna storage and the
+    workdir are recorded resolved, so that ``pngrow resume`` finds them from any folder."""
+    data = asdict(config)
+    data["optuna_storage"] = config.resolved_optuna_storage()
+    data["workdir"] = str(Path(config.workdir).resolve())
+    for key in ("tracking_uri", "optuna_storage", "train_data", "eval_data", "base_model"):
+        data[key] = redact(data[key])
+    data["ray"]["address"] = redact(data["ray"]["address"])
+    return data
+
+
+def flat_params(config: SearchConfig) -> dict[str, Any]:
+    """:func:`public_config` flattened into MLflow params: ``arch.<k>``, ``ray.<k>``, and the tasks comma-separated.
+
+    >>> flat_params(SearchConfig(family="sisr", tasks=["x2", "x3"], arch={"width": 8}))["tasks"]
+    'x2,x3'
+    """
+    public = public_config(config)
+    params = {k: v for k, v in public.items() if k not in ("ray", "arch", "tasks")}
+    params.update({f"arch.{k}": v for k, v in config.arch.items()})
+    params.update({f"ray.{k}": v for k, v in public["ray"].items()})
+    params["tasks"] = ",".join(config.tasks)
+    return params

@@ -6,7 +6,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from ..errors import ServiceError
+from ..errors import ServiceError, failure_line
 from .config import SearchConfig, redact
 from .object_store import is_s3, s3_client, split_s3
 
@@ -14,8 +14,8 @@ __all__ = ["check_artifact_store", "check_services"]
 
 
 def _reason(exc: BaseException, secret_uri: str) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.replace(secret_uri, redact(secret_uri) or "")[:300]
+    """The failure line of ``exc`` without the password in ``secret_uri`` (redacted before it is cut short)."""
+    return failure_line(exc, limit=1_000_000).replace(secret_uri, redact(secret_uri) or "")[:300]
 
 
 def check_services(config: SearchConfig) -> None:

@@ -11,7 +11,9 @@ from mlflow.entities.model_registry import ModelVersion
 
 from ..errors import SearchError
 from .config import redact
-from .tracking import TAG, Tracking, using
+from . import names
+from .names import Kind
+from .tracking import Tracking, tag_filter, using
 
 __all__ = ["promote", "resolve_run"]
 
@@ -25,7 +27,7 @@ def resolve_run(tracking: Tracking, ref: str) -> Run:
             return tracking.run(ref)
         except mlflow.exceptions.MlflowException:
             raise ValueError(f"run {ref!r} does not exist at {redact(tracking.uri)!r}") from None
-    runs = [r for r in tracking.runs(f"tags.`{TAG}kind` = 'search'") if r.info.run_name == ref]
+    runs = [r for r in tracking.runs(tag_filter(names.KIND, Kind.SEARCH)) if r.info.run_name == ref]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if not finished:
         detail = f"none of its {len(runs)} runs finished" if runs else "no search has that name"
@@ -35,12 +37,12 @@ def resolve_run(tracking: Tracking, ref: str) -> Run:
 
 def _model_uri(tracking: Tracking, run: Run) -> str:
     tags = run.data.tags
-    if TAG + "model_uri" in tags:
-        return tags[TAG + "model_uri"]
-    kind = tags.get(TAG + "kind")
-    if kind == "search":
+    if names.MODEL_URI in tags:
+        return tags[names.MODEL_URI]
+    kind = tags.get(names.KIND)
+    if kind == Kind.SEARCH:
         raise SearchError(f"search {run.info.run_id} has no shared model yet (its run is {run.info.status})")
-    if kind not in ("stage", "trial") or run.info.status != "FINISHED":
+    if kind not in (Kind.STAGE, Kind.TRIAL) or run.info.status != "FINISHED":
         raise SearchError(f"run {run.info.run_id} is not a finished pngrow stage or trial (kind {kind!r}, "
                           f"status {run.info.status})")
     with tempfile.TemporaryDirectory(prefix="pngrow-promote-") as tmp:
@@ -61,14 +63,14 @@ def promote(tracking: Tracking, ref: str, name: str, alias: str | None = "champi
     uri = _model_uri(tracking, run)
     tags = run.data.tags
     lineage = {
-        "pngrow.source_run": run.info.run_id,
-        "pngrow.search_id": tags.get(TAG + "search_id", run.info.run_id),
-        "pngrow.tasks": tags.get(TAG + "tasks") or tags.get(TAG + "task_order", ""),
+        names.SOURCE_RUN: run.info.run_id,
+        names.SEARCH_ID: tags.get(names.SEARCH_ID, run.info.run_id),
+        names.TASKS: tags.get(names.TASKS) or tags.get(names.TASK_ORDER, ""),
     }
-    if TAG + "grown_from_model" in tags:
-        lineage["pngrow.grown_from_model"] = tags[TAG + "grown_from_model"]
+    if names.GROWN_FROM_MODEL in tags:
+        lineage[names.GROWN_FROM_MODEL] = tags[names.GROWN_FROM_MODEL]
     with using(tracking.uri):
         version = mlflow.register_model(uri, name, tags=lineage)
     if alias is not None:
-        tracking.client.set_registered_model_alias(name, alias, version.version)
-    return tracking.client.get_model_version(name, version.version)
+        tracking.set_alias(name, alias, version.version)
+    return tracking.model_version(name, version.version)

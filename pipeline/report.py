@@ -19,8 +19,11 @@ from mlflow.entities import Run  # noqa: E402
 
 from ..workers.models import load_model  # noqa: E402
 from ..workers.png import SharedNetwork  # noqa: E402
+from . import names  # noqa: E402
+from .names import Kind  # noqa: E402
 from .study import Candidate, pareto_front  # noqa: E402
-from .tracking import TAG, Tracking  # noqa: E402
+from .tracking import Tracking  # noqa: E402
+from .trial import TrialOutcome  # noqa: E402
 
 __all__ = ["build_report", "plot_pareto", "plot_quality_cost", "plot_sharing", "sharing_image"]
 
@@ -134,40 +137,41 @@ def plot_pareto(task: str, candidates: list[Candidate], chosen: str, maximize: b
     return path
 
 
-def _metric(run: Run, name: str) -> float | None:
-    return run.data.metrics.get(name)
-
-
 def build_report(tracking: Tracking, search: Run, out: Path,
                  baseline: dict[str, dict[str, float]] | None = None) -> list[Path]:
     """Write every picture of a finished search into ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     tags = search.data.tags
-    final_stage = tags.get(TAG + "final_stage_run")
+    final_stage = tags.get(names.FINAL_STAGE_RUN)
     if not final_stage:
         raise ValueError(f"search {search.info.run_id} has no final model yet (its run is {search.info.status})")
     with tempfile.TemporaryDirectory(prefix="pngrow-report-") as tmp:
         family, shared = load_model(tracking.download_checkpoint(final_stage, tmp))
     tasks = shared.task_names
-    quality = tags.get(TAG + "quality") or family.quality_metric
-    cost = tags.get(TAG + "cost", "density")
+    quality = tags.get(names.QUALITY) or family.quality_metric
+    cost = tags.get(names.COST, "density")
     maximize = family.metric_directions[quality] == "maximize"
     final = {t: {k.split("/")[-1]: v for k, v in search.data.metrics.items() if k.startswith(f"final/{t}/")}
              for t in tasks}
     paths = [plot_sharing(shared, out / "sharing.png"),
              plot_quality_cost(tasks, final, family.name, out / "quality_cost.png", baseline)]
-    for stage in tracking.children(search, "stage"):
-        trials = [t for t in tracking.children(stage, "trial") if t.info.status == "FINISHED"]
-        candidates = [Candidate(int(t.data.tags.get(TAG + "optuna_trial", -1)), _metric(t, f"eval/{quality}"),
-                                _metric(t, cost), t.info.run_id) for t in trials
-                      if _metric(t, f"eval/{quality}") is not None and _metric(t, cost) is not None]
+    for stage in tracking.children(search, Kind.STAGE):
+        candidates = _candidates(tracking.children(stage, Kind.TRIAL), quality, cost)
         if candidates:
-            task = stage.data.tags[TAG + "task"]
-            paths.append(plot_pareto(task, candidates, stage.data.tags.get(TAG + "chosen_trial_run", ""), maximize,
+            task = stage.data.tags[names.TASK]
+            paths.append(plot_pareto(task, candidates, stage.data.tags.get(names.CHOSEN_TRIAL_RUN, ""), maximize,
                                      quality, cost, out / f"pareto_{_safe(task)}.png"))
     (out / "report.json").write_text(json.dumps({"search_id": search.info.run_id, "tasks": tasks, "final": final,
                                                  "quality": quality, "cost": cost}, indent=2) + "\n")
     return paths
+
+
+def _candidates(trials: list[Run], quality: str, cost: str) -> list[Candidate]:
+    """The finished trials that recorded an outcome, as (quality, cost) candidates."""
+    outcomes = [TrialOutcome.from_run(t) for t in trials if t.info.status == "FINISHED" and TrialOutcome.recorded(t)]
+    numbers = {t.info.run_id: int(t.data.tags.get(names.OPTUNA_TRIAL, -1)) for t in trials}
+    return [Candidate(numbers[o.run_id], o.metrics[quality], o.cost(cost), o.run_id, o.latency_ms) for o in outcomes
+            if quality in o.metrics]
 
 
 def _safe(name: str) -> str:

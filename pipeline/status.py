@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from .tracking import Tracking
+from . import names
+from .names import Kind
+from .tracking import Tracking, tag_filter
 
 __all__ = ["SearchStatus", "format_status", "search_status"]
 
@@ -29,26 +31,26 @@ class SearchStatus:
 
 def search_status(tracking: Tracking, limit: int = 20) -> list[SearchStatus]:
     """The newest ``limit`` searches of the tracking experiment."""
-    searches = tracking.runs("tags.`pngrow.kind` = 'search'")[:limit]
+    searches = tracking.runs(tag_filter(names.KIND, Kind.SEARCH))[:limit]
     out = []
     for run in searches:
         search_id = run.info.run_id
-        children = tracking.runs(f"tags.`pngrow.search_id` = '{search_id}'", [run.info.experiment_id])
-        stages = [r for r in children if r.data.tags.get("pngrow.kind") == "stage"]
-        trials = [r for r in children if r.data.tags.get("pngrow.kind") == "trial"]
+        children = tracking.runs(tag_filter(names.SEARCH_ID, search_id), [run.info.experiment_id])
+        stages = [r for r in children if r.data.tags.get(names.KIND) == Kind.STAGE]
+        trials = [r for r in children if r.data.tags.get(names.KIND) == Kind.TRIAL]
         running = [s for s in stages if s.info.status == "RUNNING"]
         out.append(SearchStatus(
             search_id=search_id,
             name=run.info.run_name or "",
             state=run.info.status,
             started=run.info.start_time / 1000,
-            tasks=run.data.tags.get("pngrow.tasks", "").split(","),
+            tasks=run.data.tags.get(names.TASKS, "").split(","),
             stages_done=sum(s.info.status == "FINISHED" for s in stages),
-            current_task=running[0].data.tags.get("pngrow.task") if running else None,
+            current_task=running[0].data.tags.get(names.TASK) if running else None,
             trials_done=sum(t.info.status == "FINISHED" for t in trials),
             trials_failed=sum(t.info.status in ("FAILED", "KILLED") for t in trials),
             trials_running=sum(t.info.status == "RUNNING" for t in trials),
-            error=run.data.tags.get("pngrow.error", ""),
+            error=run.data.tags.get(names.ERROR, ""),
         ))
     return out
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import optuna
 
-from ..errors import ServiceError
+from ..errors import ServiceError, failure_line
 from ..search_spaces import SearchSpace
 
 __all__ = ["RULES", "Candidate", "distributions", "open_study", "pareto_front", "register_rule", "retrying", "select"]
@@ -23,25 +25,29 @@ def retrying(call: Callable[[], T], storage: str, delays: tuple[float, ...] = RE
     naming ``storage`` (redact it first), so that the search fails cleanly and can be resumed."""
     import sqlalchemy.exc
 
-    for delay in (*delays, None):
+    lost = (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError)
+    for delay in delays:
         try:
             return call()
-        except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as exc:
-            if delay is None:
-                reason = (str(exc.__cause__ or exc).strip() or type(exc).__name__).splitlines()[0][:300]
-                raise ServiceError(f"Optuna storage {storage!r} stopped answering: {reason}", "optuna") from None
+        except lost:
             time.sleep(delay)
-    raise AssertionError("unreachable")
+    try:
+        return call()
+    except lost as exc:
+        reason = failure_line(exc.__cause__ or exc)
+        raise ServiceError(f"Optuna storage {storage!r} stopped answering: {reason}", "optuna") from None
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A finished trial as the selection rules see it: its quality, its cost (lower is better) and its run."""
+    """A finished trial as the selection rules see it: its quality, its cost (lower is better), its run, and its
+    measured latency in ms (NaN when the search did not time trials)."""
 
     number: int
     quality: float
     cost: float
     run_id: str
+    latency_ms: float = math.nan
 
 
 Rule = Callable[[list[Candidate], bool, float], Candidate]
@@ -79,6 +85,22 @@ def sparsest_within(candidates: list[Candidate], maximize: bool, tolerance: floa
     best = best_quality(candidates, maximize, tolerance)
     near = [c for c in candidates if _sign(maximize) * (best.quality - c.quality) <= tolerance]
     return min(near, key=lambda c: (c.cost, -_sign(maximize) * c.quality))
+
+
+@register_rule("fastest_within")
+def fastest_within(candidates: list[Candidate], maximize: bool, tolerance: float) -> Candidate:
+    """The lowest measured latency among trials whose quality is within ``tolerance`` of the best; needs trials that
+    timed their compacted task (a ``latency`` cost).
+
+    >>> a, b = Candidate(0, 30.0, 0.9, "a", latency_ms=12.0), Candidate(1, 29.95, 0.5, "b", latency_ms=20.0)
+    >>> fastest_within([a, b], maximize=True, tolerance=0.1).run_id
+    'a'
+    """
+    if any(math.isnan(c.latency_ms) for c in candidates):
+        raise ValueError("rule fastest_within needs every trial's latency: add latency to objectives.cost")
+    best = best_quality(candidates, maximize, tolerance)
+    near = [c for c in candidates if _sign(maximize) * (best.quality - c.quality) <= tolerance]
+    return min(near, key=lambda c: (c.latency_ms, -_sign(maximize) * c.quality))
 
 
 def select(rule: str, candidates: list[Candidate], maximize: bool, tolerance: float) -> Candidate:
@@ -119,13 +141,19 @@ def distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDist
     return result
 
 
-def open_study(storage: str, name: str, quality_direction: str, seed: int) -> optuna.Study:
-    """The stage's study (created, or loaded when it exists): objectives quality then cost (minimised)."""
+def open_study(storage: str, name: str, quality: str, quality_direction: str, costs: Sequence[str],
+               seed: int) -> optuna.Study:
+    """The stage's study (created, or loaded when it exists): objectives ``quality`` then each cost (minimised),
+    named so that the Optuna dashboard shows them by name."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=storage,
         study_name=name,
-        directions=[quality_direction, "minimize"],
+        directions=[quality_direction, *("minimize" for _ in costs)],
         sampler=optuna.samplers.TPESampler(seed=seed),
         load_if_exists=True,
     )
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([quality, *costs])
+    return study

@@ -1,14 +1,13 @@
 """MLflow, thinly: runs of searches, stages and trials with lineage tags, checkpoints as artifacts, the pyfunc model.
 
-Run tags (all prefixed ``pngrow.``): ``kind`` (search, stage or trial), ``search_id`` (the search run's id), ``task``,
-``stage_index``, ``task_order`` (comma-separated tasks up to this stage), ``grown_from_run`` (the stage run whose
-checkpoint this one started from), ``chosen_trial_run`` (on a stage), ``optuna_study``/``optuna_trial``, and
-``model_uri`` (on a search, the logged pyfunc model).
+Every pngrow tag name and run kind is in :mod:`pngrow.pipeline.names`; callers pass tag names whole
+(``names.TASK``). The rest of pngrow talks to MLflow through :class:`Tracking` only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -24,18 +23,19 @@ with warnings.catch_warnings():
     import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.utils.time import get_current_time_millis
 
-from ..errors import ServiceError
+from ..errors import ServiceError, failure_line
+from . import names
 from .config import redact
 
-__all__ = ["AnsweringClient", "Tracking", "metric_key", "unreachable", "using"]
+__all__ = ["AnsweringClient", "Tracking", "metric_key", "tag_filter", "unreachable", "using"]
 
 # pngrow prints its own progress; MLflow's per-download progress bars and "View run at" lines would drown it.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-TAG = "pngrow."
 _BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 _PYFUNC_CODE = Path(__file__).with_name("shared_model.py")
 
@@ -84,13 +84,13 @@ class AnsweringClient:
                 service = unreachable(error)
                 if service is None:
                     raise
-                reason = (str(error).strip() or type(error).__name__).splitlines()[0][:300]
+                reason = redact(failure_line(error, limit=1_000_000))[:300]  # redacted before it is cut short
                 if service == "tracking":
                     what = f"MLflow tracking server {redact(self._uri)!r}"
                 else:
                     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
                     what = f"artifact store {redact(endpoint)!r}" if endpoint else "artifact store"
-                raise ServiceError(f"{what} stopped answering ({name}): {redact(reason)}", service) from None
+                raise ServiceError(f"{what} stopped answering ({name}): {reason}", service) from None
 
         return call
 
@@ -146,6 +146,14 @@ def metric_key(*parts: str) -> str:
     return "/".join(_BAD.sub("_", p) for p in parts)
 
 
+def _tags(tags: dict[str, Any] | None) -> dict[str, str]:
+    """``tags`` as MLflow stores them; a name that is not a pngrow tag (see :mod:`.names`) is a ValueError."""
+    wrong = [k for k in tags or {} if not names.is_pngrow_tag(k)]
+    if wrong:
+        raise ValueError(f"tag {wrong[0]!r} is not a pngrow tag name: use pngrow.pipeline.names")
+    return {k: str(v) for k, v in (tags or {}).items()}
+
+
 class Tracking:
     """One MLflow tracking server (or local store) and one experiment in it."""
 
@@ -155,37 +163,71 @@ class Tracking:
         self.experiment_id = self._experiment(experiment, artifact_root) if experiment else None
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:
-        found = self.client.get_experiment_by_name(name)
+        found = self.find_experiment(name)
         if found is not None:
-            return found.experiment_id
+            return found
         return self.client.create_experiment(name, artifact_location=artifact_root)
 
+    def find_experiment(self, name: str) -> str | None:
+        """The id of the experiment called ``name``; None when there is none."""
+        found = self.client.get_experiment_by_name(name)
+        return None if found is None else found.experiment_id
+
+    def experiment_name(self, experiment_id: str) -> str:
+        """The name of experiment ``experiment_id``."""
+        return self.client.get_experiment(experiment_id).name
+
+    @property
+    def artifact_location(self) -> str:
+        """Where the experiment's runs keep their artifacts (a folder URI or ``s3://...``)."""
+        if self.experiment_id is None:
+            raise ValueError("this Tracking was opened without an experiment")
+        return self.client.get_experiment(self.experiment_id).artifact_location
+
     def start_run(self, name: str, tags: dict[str, Any], parent: str | None = None) -> str:
-        """A new run in the experiment, nested under ``parent``; ``tags`` are prefixed with ``pngrow.``."""
+        """A new run in the experiment, nested under ``parent``, with pngrow ``tags`` (names from :mod:`.names`)."""
         if self.experiment_id is None:
             raise ValueError("this Tracking was opened without an experiment, so it cannot start runs")
-        all_tags = {TAG + k: str(v) for k, v in tags.items()}
+        all_tags = _tags(tags)
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
 
     def log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
             tags: dict[str, Any] | None = None, step: int = 0) -> None:
-        """Metrics (at ``step``), params and ``pngrow.`` tags in one request."""
+        """Metrics (at ``step``), params and pngrow tags (names from :mod:`.names`) in one request."""
         now = get_current_time_millis()
         self.client.log_batch(
             run_id,
             metrics=[Metric(metric_key(k), float(v), now, step) for k, v in (metrics or {}).items()],
             params=[Param(k, str(v)) for k, v in (params or {}).items()],
-            tags=[RunTag(TAG + k, str(v)) for k, v in (tags or {}).items()],
+            tags=[RunTag(k, v) for k, v in _tags(tags).items()],
         )
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED)."""
         self.client.set_terminated(run_id, status)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an ended (or orphaned) run RUNNING again, for a resumed search."""
+        self.client.update_run(run_id, "RUNNING")
+
+    def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
+        """``data`` as the run's JSON artifact ``path``."""
+        self.client.log_dict(run_id, data, path)
+
+    def load_dict(self, run_id: str, path: str) -> dict[str, Any]:
+        """The run's JSON artifact ``path`` (see :meth:`log_dict`)."""
+        with tempfile.TemporaryDirectory(prefix="pngrow-json-") as tmp:
+            return json.loads(Path(self.client.download_artifacts(run_id, path, tmp)).read_text())
+
+    def log_folder(self, run_id: str, folder: str | Path, path: str) -> None:
+        """Upload every file of ``folder`` as the run's artifacts under ``path``."""
+        self.client.log_artifacts(run_id, str(folder), path)
 
     def log_checkpoint(self, run_id: str, folder: str | Path) -> None:
         """Upload a saved shared model (safetensors + JSON) as the run's ``checkpoint`` artifacts."""
-        self.client.log_artifacts(run_id, str(folder), "checkpoint")
+        self.log_folder(run_id, folder, "checkpoint")
 
     def download_checkpoint(self, run_id: str, dest: str | Path) -> Path:
         """The run's ``checkpoint`` artifacts, downloaded into ``dest``."""
@@ -193,28 +235,50 @@ class Tracking:
         return Path(self.client.download_artifacts(run_id, "checkpoint", str(dest)))
 
     def copy_checkpoint(self, source_run: str, dest_run: str) -> None:
+        """Log ``source_run``'s checkpoint on ``dest_run`` too."""
         with tempfile.TemporaryDirectory(prefix="pngrow-ckpt-") as tmp:
             self.log_checkpoint(dest_run, self.download_checkpoint(source_run, tmp))
 
     def log_shared_model(self, run_id: str, checkpoint: str | Path) -> str:
-        """Log the checkpoint as a pyfunc model on ``run_id``; returns the model's URI (also tagged on the run)."""
-        from .. import __version__
+        """Log the checkpoint as a pyfunc model on ``run_id``; returns the model's URI (also tagged on the run).
 
-        with using(self.uri), mlflow.start_run(run_id=run_id), _without_type_hint_advice():
+        The model carries its signature (JSON-servable columns of base64 text, see :mod:`.shared_model`), the
+        ``pngrow`` package as code (``code/pngrow``, first on ``sys.path`` when it loads) and requirements that name
+        only PyPI packages, so ``mlflow models serve`` and ``build-docker`` install it anywhere.
+        """
+        from ..workers.png import read_description
+        from . import shared_model
+
+        family = read_description(checkpoint)["architecture"]["family"]
+        with tempfile.TemporaryDirectory(prefix="pngrow-code-") as code, using(self.uri), \
+                mlflow.start_run(run_id=run_id), _without_type_hint_advice(), warnings.catch_warnings():
+            # The signature documents the columns; an input example would run the model once more at every log.
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="shared_model",
                 python_model=str(_PYFUNC_CODE),
                 artifacts={"checkpoint": str(checkpoint)},
-                pip_requirements=[f"pngrow=={__version__}"],
+                code_paths=[shared_model.package_code(code)],
+                pip_requirements=shared_model.requirements(),
+                signature=shared_model.signature(family),
             )
-        self.log(run_id, tags={"model_uri": info.model_uri})
+        self.log(run_id, tags={names.MODEL_URI: info.model_uri})
         return info.model_uri
 
+    def model_version(self, name: str, version: str) -> ModelVersion:
+        """Version ``version`` of the registered model ``name``."""
+        return self.client.get_model_version(name, version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``alias`` of the registered model ``name`` at ``version``."""
+        self.client.set_registered_model_alias(name, alias, version)
+
     def run(self, run_id: str) -> Run:
+        """The run ``run_id``, with its tags, params and latest metrics."""
         return self.client.get_run(run_id)
 
     def runs(self, filter_string: str = "", experiment_ids: Iterable[str] | None = None) -> list[Run]:
-        """Runs matching an MLflow filter (e.g. ``tags.`pngrow.kind` = 'search'``), newest first, every page."""
+        """Runs matching an MLflow filter (e.g. :func:`tag_filter`), newest first, every page."""
         ids = list(experiment_ids) if experiment_ids is not None else (
             [self.experiment_id] if self.experiment_id else [e.experiment_id for e in self.client.search_experiments()]
         )
@@ -229,6 +293,15 @@ class Tracking:
                 return result
 
     def children(self, run: Run, kind: str) -> list[Run]:
-        """The ``kind`` runs (stage or trial) nested under ``run``."""
-        return self.runs(f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and tags.`pngrow.kind` = '{kind}'",
+        """The ``kind`` runs (a :class:`~.names.Kind`) nested under ``run``."""
+        return self.runs(f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and {tag_filter(names.KIND, kind)}",
                          [run.info.experiment_id])
+
+
+def tag_filter(tag: str, value: Any) -> str:
+    """An MLflow filter for runs whose ``tag`` is ``value``.
+
+    >>> tag_filter("pngrow.kind", "search")
+    "tags.`pngrow.kind` = 'search'"
+    """
+    return f"tags.`{tag}` = '{value}'"

@@ -4,25 +4,31 @@ evaluation of a shared model on every task. Checkpoints come from and go to the 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from mlflow.entities import Run
 from safetensors.torch import load_file
 
 from ..workers.data import ImageSet, PatchSampler, default_images, load_folder
-from ..workers.models import get_family, load_model
-from ..workers.png import model_cost, task_cost
+from ..workers.latency import task_speed
+from ..workers.models import Family, get_family, load_model
+from ..workers.png import SharedNetwork, model_cost, task_cost
 from ..workers.training import StageSettings, run_stage
+from . import names
 from .object_store import fetch_folder, is_s3
 from .tracking import Tracking
 
 __all__ = ["EvaluationSpec", "TrialOutcome", "TrialSpec", "evaluate_model", "load_images", "run_trial"]
+
+_EVAL = "eval/"  # the prefix of a trial's evaluation metrics
 
 
 @dataclass(frozen=True)
@@ -43,11 +49,16 @@ class TrialSpec:
     init: str | None = None
     threads: int = 1
     device: str = "cpu"
+    latency_rounds: int = 0  # time the compacted task this many rounds (0: not at all)
+    latency_size: int | None = None  # side of the latency input; None: the family's
 
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """A finished trial: its evaluation metrics, its cost, and when it trained (epoch seconds)."""
+    """A finished trial: its evaluation metrics, its cost, and when it trained (epoch seconds).
+
+    The trial's run records it (:meth:`record`) and :meth:`from_run` reads it back; nothing else parses those keys.
+    """
 
     run_id: str
     task: str
@@ -60,10 +71,51 @@ class TrialOutcome:
     train_started: float
     train_ended: float
     trial_seconds: float
+    latency_ms: float = math.nan  # the compacted task's median latency (NaN: not measured)
+    dense_latency_ms: float = math.nan  # the dense model's, timed beside it in the same process
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_latency_ms / self.latency_ms
 
     def cost(self, objective: str) -> float:
-        """The cost objective ``density`` or ``stored_params`` (see :data:`~pngrow.pipeline.config.COST_OBJECTIVES`)."""
-        return float(getattr(self, objective))
+        """A cost objective of :data:`~pngrow.pipeline.config.COST_OBJECTIVES` (``latency`` in ms)."""
+        return float(self.latency_ms if objective == "latency" else getattr(self, objective))
+
+    def objective_values(self, quality: str, costs: Sequence[str]) -> list[float]:
+        """What the stage's study is told: the quality metric, then each cost."""
+        return [self.metrics[quality], *(self.cost(c) for c in costs)]
+
+    def metric_record(self, timings: bool = True) -> dict[str, float]:
+        """The outcome as MLflow metrics: ``eval/<metric>``, the costs and (with ``timings``) the seconds."""
+        record = {**{_EVAL + k: v for k, v in self.metrics.items()}, "density": self.density,
+                  "active_params": self.active_params, "gmacs": self.macs / 1e9, "stored_params": self.stored_params}
+        if math.isfinite(self.latency_ms):
+            record.update(latency_ms=self.latency_ms, dense_latency_ms=self.dense_latency_ms, speedup=self.speedup)
+        if timings:
+            record.update(train_seconds=self.train_ended - self.train_started, trial_seconds=self.trial_seconds)
+        return record
+
+    def record(self, tracking: Tracking) -> None:
+        """Log the outcome on the trial's run: :meth:`metric_record` and the task's fingerprint."""
+        tracking.log(self.run_id, metrics=self.metric_record(), tags={names.FINGERPRINT: self.fingerprint})
+
+    @staticmethod
+    def recorded(run: Run) -> bool:
+        """Whether ``run`` holds a trial's outcome (its worker finished), whatever the run's status."""
+        return names.FINGERPRINT in run.data.tags and "density" in run.data.metrics
+
+    @classmethod
+    def from_run(cls, run: Run) -> TrialOutcome:
+        """The outcome :meth:`record` logged on ``run`` (training start and end are not kept: 0)."""
+        if not cls.recorded(run):
+            raise ValueError(f"run {run.info.run_id} holds no trial outcome")
+        metrics, tags = run.data.metrics, run.data.tags
+        return cls(run.info.run_id, tags[names.TASK],
+                   {k.removeprefix(_EVAL): v for k, v in metrics.items() if k.startswith(_EVAL)},
+                   metrics["density"], int(metrics["active_params"]), int(round(metrics["gmacs"] * 1e9)),
+                   int(metrics["stored_params"]), tags[names.FINGERPRINT], 0.0, 0.0, metrics.get("trial_seconds", 0.0),
+                   metrics.get("latency_ms", math.nan), metrics.get("dense_latency_ms", math.nan))
 
 
 @dataclass(frozen=True)
@@ -98,7 +150,7 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     begun = time.time()
     torch.set_num_threads(max(1, spec.threads))
     tracking = Tracking(spec.tracking_uri)
-    tracking.log(spec.run_id, tags={"worker_pid": os.getpid(), "worker_node": socket.gethostname()})
+    tracking.log(spec.run_id, tags={names.WORKER_PID: os.getpid(), names.WORKER_NODE: socket.gethostname()})
     settings = StageSettings(**spec.settings)
     with tempfile.TemporaryDirectory(prefix="pngrow-trial-") as tmp:
         scratch = Path(tmp)
@@ -127,17 +179,24 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
                            on_step=on_step)
         ended = time.time()
         stored = model_cost(shared).stored_params
+        speed = _speed(spec, family, shared)
         family.save(shared.cpu(), scratch / "checkpoint")
         tracking.log_checkpoint(spec.run_id, scratch / "checkpoint")
     outcome = TrialOutcome(spec.run_id, spec.task, result.metrics, result.cost.density, result.cost.active_params,
                            result.cost.macs, stored, shared.fingerprint(spec.task), started, ended,
-                           time.time() - begun)
-    tracking.log(spec.run_id, metrics={**{f"eval/{k}": v for k, v in result.metrics.items()},
-                                       "density": outcome.density, "active_params": outcome.active_params,
-                                       "gmacs": outcome.macs / 1e9, "stored_params": stored,
-                                       "train_seconds": ended - started, "trial_seconds": outcome.trial_seconds},
-                 tags={"fingerprint": outcome.fingerprint})
+                           time.time() - begun, *speed)
+    outcome.record(tracking)
     return outcome
+
+
+def _speed(spec: TrialSpec, family: Family, shared: SharedNetwork) -> tuple[float, float]:
+    """The committed task's compacted and dense median latency (ms) on the trial's device, or NaN when the search
+    does not ask for it. The compacted model is checked against the masked one first (a mismatch fails the trial)."""
+    if not spec.latency_rounds:
+        return math.nan, math.nan
+    inputs = tuple(x.to(shared.device) for x in family.latency_inputs(spec.latency_size))
+    speed = task_speed(shared, spec.task, inputs, spec.latency_rounds)
+    return speed.latency_ms, speed.dense_latency_ms
 
 
 def evaluate_model(spec: EvaluationSpec) -> dict[str, dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "SearchError", "ServiceError"]
+__all__ = ["ConfigError", "SearchError", "ServiceError", "failure_line"]
 
 
 class ConfigError(ValueError):
@@ -25,3 +25,14 @@ class ServiceError(SearchError):
 
     def __reduce__(self) -> tuple:  # Ray pickles it back to the driver, service and all
         return (type(self), (str(self), self.service))
+
+
+def failure_line(error: BaseException, limit: int = 300) -> str:
+    """The one line pngrow shows, logs and tags for a failure: the error's type and its message's first line.
+
+    >>> failure_line(ValueError("bad block shape '3'\\nmore detail"))
+    "ValueError: bad block shape '3'"
+    """
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:limit] if first else type(error).__name__

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "HR_FOLDER",
     "IMAGE_SUFFIXES",
     "ImageSet",
+    "LR_FOLDER",
     "PatchSampler",
     "check_folder",
     "decode_image",
@@ -27,21 +31,40 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # scikit-image ships these colour photographs inside the wheel, so the default job needs no download.
 DEFAULT_TRAIN = ("coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 DEFAULT_EVAL = ("astronaut", "chelsea")
+# The paired SR layout of EDSR's benchmark release, DIV2K and BasicSR: HR images in HR/ (or the folder itself) and
+# their LR images in LR_bicubic/X2, X3, ... named like the HR image, with or without an "x2" suffix.
+HR_FOLDER = "HR"
+LR_FOLDER = "LR_bicubic"
+_LR_SCALE = re.compile(r"X([2-9])")
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Named RGB images as uint8 tensors of shape (3, H, W)."""
+    """Named RGB images as uint8 tensors of shape (3, H, W).
+
+    ``low_res`` maps a scale to the images' given low-resolution versions (a paired SR folder), in the same order;
+    a scale missing there is made on the fly by the SISR family.
+    """
 
     source: str
     names: tuple[str, ...]
     images: tuple[torch.Tensor, ...]
+    low_res: Mapping[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def limit(self, count: int | None) -> ImageSet:
-        return self if count is None else ImageSet(self.source, self.names[:count], self.images[:count])
+        if count is None:
+            return self
+        return ImageSet(self.source, self.names[:count], self.images[:count],
+                        {s: lr[:count] for s, lr in self.low_res.items()})
+
+    @property
+    def protocol(self) -> str:
+        """How SISR inputs are made: from the folder's paired LR images, or by bicubic downscaling on the fly."""
+        scales = ",".join(f"x{s}" for s in sorted(self.low_res))
+        return f"paired {LR_FOLDER} ({scales})" if self.low_res else "bicubic on the fly (antialiased)"
 
 
 def _to_rgb_tensor(array: np.ndarray) -> torch.Tensor:
@@ -76,10 +99,12 @@ def decode_image(source: str | Path | io.BytesIO, name: str) -> torch.Tensor:
 
 
 def _folder_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
-    """The image files and the Parquet shards directly inside ``folder``, by name; at least one of them."""
+    """The image files and the Parquet shards directly inside ``folder`` (or its ``HR/``), by name; at least one."""
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"image folder {str(folder)!r} does not exist")
+    if (path / HR_FOLDER).is_dir():
+        path = path / HR_FOLDER
     files = sorted(p for p in path.iterdir() if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     shards = [p for p in files if p.suffix.lower() == ".parquet"]
@@ -150,7 +175,35 @@ def load_folder(folder: str | Path) -> ImageSet:
     named = [(p.name, load_image(p)) for p in images] + read_shards(shards)
     if not named:
         raise ValueError(f"image folder {str(folder)!r} has no images: its Parquet shards are empty")
-    return ImageSet(str(Path(folder)), tuple(n for n, _ in named), tuple(im for _, im in named))
+    pairs = _low_res(Path(folder), images, [im for _, im in named]) if not shards else {}
+    return ImageSet(str(Path(folder)), tuple(n for n, _ in named), tuple(im for _, im in named), pairs)
+
+
+def _low_res(folder: Path, files: list[Path], images: list[torch.Tensor]) -> dict[int, tuple[torch.Tensor, ...]]:
+    """The paired LR images of ``folder/LR_bicubic/X<s>/`` for each scale there, checked against their HR images.
+
+    Each LR image is ``<stem>x<s><suffix>`` or ``<stem><suffix>`` and measures the HR size floor-divided by s.
+    """
+    root = folder / LR_FOLDER
+    if not root.is_dir():
+        return {}
+    pairs = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and _LR_SCALE.fullmatch(p.name)):
+        scale = int(sub.name[1:])
+        found = []
+        for file, hr in zip(files, images):
+            candidates = [sub / f"{file.stem}x{scale}{file.suffix}", sub / file.name]
+            lr_file = next((c for c in candidates if c.is_file()), None)
+            if lr_file is None:
+                raise ValueError(f"paired folder {str(folder)!r}: no LR image {str(candidates[0])!r} for {file.name!r}")
+            lr = load_image(lr_file)
+            want = (hr.shape[1] // scale, hr.shape[2] // scale)
+            if tuple(lr.shape[1:]) != want:
+                raise ValueError(f"LR image {str(lr_file)!r} is {lr.shape[2]}x{lr.shape[1]}, not {want[1]}x{want[0]} "
+                                 f"(its HR image {file.name!r} divided by {scale})")
+            found.append(lr)
+        pairs[scale] = tuple(found)
+    return pairs
 
 
 def default_images(split: str) -> ImageSet:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bd_rate", "ms_ssim", "psnr", "psnr_y", "quantize", "rgb_to_y"]
+__all__ = ["bd_rate", "ms_ssim", "psnr", "psnr_y", "quantize", "rgb_to_y", "ssim_y"]
 
 # Wang, Simoncelli and Bovik (2003): the weights of the five MS-SSIM scales, finest first.
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -47,6 +47,22 @@ def _crop_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> tuple[torch.Tens
 def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> float:
     """PSNR on the Y channel with ``border`` pixels cropped on every side (the SISR benchmark protocol)."""
     return psnr(*_crop_y(sr, hr, border))
+
+
+def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> float:
+    """SSIM on the Y channel (0-255) with ``border`` pixels cropped, as BasicSR's ``calculate_ssim`` with
+    ``test_y_channel=True``: an 11x11 Gaussian window of sigma 1.5, 'valid' filtering, the mean over the map.
+    (1, 3, H, W) images in [0, 1].
+
+    >>> x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    >>> ssim_y(x, x, 2)
+    1.0
+    """
+    from skimage.metrics import structural_similarity
+
+    a, b = (y[0, 0].double().mul(255).numpy() for y in _crop_y(sr, hr, border))
+    return float(structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                       data_range=255))
 
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, y_border: int | None = None) -> float:
@@ -87,30 +103,30 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, y_border: int | None = None) -> fl
 def bd_rate(anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float, float]]) -> float:
     """Bjontegaard delta rate in percent: the average rate change of ``test`` against ``anchor`` at equal quality.
 
-    Each curve is (rate, quality) points, e.g. (bpp, PSNR). Log-rate is fitted as a polynomial of quality (cubic with
-    four or more points, as VCEG-M33) and integrated over the quality range both curves cover. Negative is better.
-    NaN when the quality ranges do not overlap or a curve's quality does not rise strictly with its rate.
+    Each curve is (rate, quality) points, e.g. (bpp, PSNR). Computed by the ``bjontegaard`` package (log-rate
+    interpolated over quality piecewise cubically, ``method="pchip"``, and integrated over the quality range both
+    curves cover). Negative is better. NaN, refused here before the package sees it, when the quality ranges do not
+    overlap or a curve's quality does not rise strictly with its rate (e.g. an undertrained codec).
 
     >>> anchor = [(0.2, 28.0), (0.4, 31.0), (0.7, 33.5), (1.1, 35.5)]
     >>> round(bd_rate(anchor, [(0.9 * r, q) for r, q in anchor]), 6)
     -10.0
     """
+    import bjontegaard
+
     if min(len(anchor), len(test)) < 2:
         raise ValueError(f"BD-rate needs at least two points per curve, got {len(anchor)} and {len(test)}")
-    fits = []
+    curves = []
     for points in (anchor, test):
         rates, quality = np.array(points, dtype=float).T
         if (rates <= 0).any() or not np.isfinite(quality).all():
             raise ValueError(f"BD-rate needs positive rates and finite qualities, got {list(points)}")
         order = np.argsort(rates)
         if (np.diff(quality[order]) <= 0).any():
-            return math.nan  # quality does not rise with rate: no curve to fit (e.g. an undertrained codec)
-        fits.append((np.polyint(np.polyfit(quality, np.log(rates), min(3, len(points) - 1))), quality))
-    low = max(q.min() for _, q in fits)
-    high = min(q.max() for _, q in fits)
-    if low >= high:
+            return math.nan
+        curves.append((rates[order], quality[order]))
+    (rate_a, quality_a), (rate_t, quality_t) = curves
+    if max(quality_a.min(), quality_t.min()) >= min(quality_a.max(), quality_t.max()):
         return math.nan
-    (anchor_int, _), (test_int, _) = fits
-    mean_diff = (np.polyval(test_int, high) - np.polyval(test_int, low) - np.polyval(anchor_int, high)
-                 + np.polyval(anchor_int, low)) / (high - low)
-    return float((math.exp(mean_diff) - 1) * 100)
+    return float(bjontegaard.bd_rate(rate_a, quality_a, rate_t, quality_t, method="pchip",
+                                     require_matching_points=False, min_overlap=0))

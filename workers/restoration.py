@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .metrics import quantize
-from .models import Family
+from .models import Codec, Family, Upscaler
 from .png import SharedNetwork
 
 __all__ = ["MAGIC", "decode", "encode", "read_header", "resolve_tile", "tile_count", "tiles", "upscale"]
@@ -83,7 +83,7 @@ def upscale(family: Family, shared: SharedNetwork, task: str, image: torch.Tenso
     the image is larger than :data:`AUTO_TILE` squared); each tile sees a margin of :func:`receptive_margin` pixels.
     """
     _check_image(image)
-    if not hasattr(family, "scale"):
+    if not isinstance(family, Upscaler):
         raise ValueError(f"family {family.name!r} does not upscale images; its tasks restore them otherwise")
     shared.task_index(task)
     scale = family.scale(task)
@@ -109,7 +109,7 @@ def encode(family: Family, shared: SharedNetwork, task: str, image: torch.Tensor
            tile: int | None = None, progress: Progress | None = None) -> bytes:
     """Entropy-code a uint8 (3, H, W) image with NIC ``task``: the pngrow bitstream, tiles coded independently."""
     _check_image(image)
-    if not hasattr(family, "compress"):
+    if not isinstance(family, Codec):
         raise ValueError(f"family {family.name!r} does not compress images; its tasks restore them otherwise")
     shared.task_index(task)
     tile = resolve_tile(image.shape[1], image.shape[2], tile)
@@ -121,7 +121,7 @@ def encode(family: Family, shared: SharedNetwork, task: str, image: torch.Tensor
     body = bytearray()
     for top, left, th, tw in tiles(h, w, tile):
         x = image[None, :, top : top + th, left : left + tw].float().div(255).to(shared.device)
-        coded = family.compress(shared, task, x)  # type: ignore[attr-defined]
+        coded = family.compress(shared, task, x)
         body += struct.pack("<HHB", *coded["shape"], len(coded["strings"]))
         for strings in coded["strings"]:
             body += struct.pack("<I", len(strings[0])) + strings[0]
@@ -131,21 +131,50 @@ def encode(family: Family, shared: SharedNetwork, task: str, image: torch.Tensor
     return MAGIC + struct.pack("<I", len(head)) + head + bytes(body)
 
 
+_HEADER_FIELDS = ("family", "task", "fingerprint", "model", "height", "width", "tile")
+
+
 def read_header(data: bytes) -> dict:
-    """The JSON header of a pngrow bitstream (family, task, fingerprint, model, height, width, tile)."""
+    """The JSON header of a pngrow bitstream (family, task, fingerprint, model, height, width, tile).
+
+    >>> read_header(b"JPEG")
+    Traceback (most recent call last):
+    ...
+    ValueError: not a pngrow bitstream (bad magic bytes)
+    """
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
         raise ValueError("not a pngrow bitstream (bad magic bytes)")
     (size,) = struct.unpack_from("<I", data, len(MAGIC))
     try:
-        return json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + size])
+        header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + size])
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError("pngrow bitstream has a corrupted header") from None
+    missing = [key for key in _HEADER_FIELDS if not isinstance(header, dict) or key not in header]
+    if missing:
+        raise ValueError(f"pngrow bitstream has a corrupted header (no {missing[0]!r})")
+    return header
+
+
+def _read_tile(data: bytes, offset: int) -> tuple[dict, int]:
+    """One tile's CompressAI strings and latent shape at ``offset``, and the offset after them."""
+    zh, zw, count = struct.unpack_from("<HHB", data, offset)
+    offset += 5
+    strings = []
+    for _ in range(count):
+        (size,) = struct.unpack_from("<I", data, offset)
+        if offset + 4 + size > len(data):
+            raise struct.error("short string")
+        strings.append([data[offset + 4 : offset + 4 + size]])
+        offset += 4 + size
+    return {"strings": strings, "shape": (zh, zw)}, offset
 
 
 @torch.no_grad()
 def decode(family: Family, shared: SharedNetwork, data: bytes,
            progress: Progress | None = None) -> tuple[str, torch.Tensor]:
     """The task and the uint8 (3, H, W) image of a bitstream written by :func:`encode` with the same task weights."""
+    if not isinstance(family, Codec):
+        raise ValueError(f"family {family.name!r} does not decompress bitstreams; its tasks restore images otherwise")
     header = read_header(data)
     task = header["task"]
     if task not in shared.task_names:
@@ -158,16 +187,8 @@ def decode(family: Family, shared: SharedNetwork, data: bytes,
     out = torch.empty(3, h, w, dtype=torch.uint8)
     try:
         for top, left, th, tw in tiles(h, w, header["tile"]):
-            zh, zw, count = struct.unpack_from("<HHB", data, offset)
-            offset += 5
-            strings = []
-            for _ in range(count):
-                (size,) = struct.unpack_from("<I", data, offset)
-                if offset + 4 + size > len(data):
-                    raise struct.error("short string")
-                strings.append([data[offset + 4 : offset + 4 + size]])
-                offset += 4 + size
-            x_hat = family.decompress(shared, task, {"strings": strings, "shape": (zh, zw)}, (th, tw))  # type: ignore[attr-defined]
+            coded, offset = _read_tile(data, offset)
+            x_hat = family.decompress(shared, task, coded, (th, tw))
             out[:, top : top + th, left : left + tw] = quantize(x_hat)[0].mul(255).round().to(torch.uint8).cpu()
             if progress:
                 progress(1)

@@ -11,9 +11,10 @@ import torch
 
 from .data import ImageSet, PatchSampler
 from .models import Family
-from .png import ModelCost, SharedNetwork, TaskCost, model_cost, parse_block_shape, task_cost
+from .png import PRUNE_SCOPES, ModelCost, SharedNetwork, TaskCost, model_cost, parse_block_shape, task_cost
 
-__all__ = ["JobResult", "Optimisers", "StageResult", "StageSettings", "prune_schedule", "run_stage", "train_shared"]
+__all__ = ["DriftError", "JobResult", "Optimisers", "StageResult", "StageSettings", "prune_schedule", "run_stage",
+           "train_shared"]
 
 Log = Callable[[str], None]
 
@@ -25,6 +26,9 @@ class StageSettings:
     ``grow_steps`` train the free blocks (and learn the selection of earlier ones); ``prune_steps`` keep training
     while the task's blocks are released on CPG's cubic schedule up to ``prune_ratio``; ``finetune_steps`` train the
     kept blocks with every mask fixed. ``reuse_penalty`` weighs the fraction of earlier blocks selected.
+    ``prune_scope`` says which blocks pruning releases: ``own`` (the task's new blocks; PackNet and CPG) or ``active``
+    (its reused earlier blocks compete too, so every task computes with at most ``1 - prune_ratio`` of the blocks it
+    could use and frees whole channels when blocks span a layer's inputs: the compacted task is faster).
     """
 
     block_shape: tuple[int, int] = (4, 4)
@@ -37,6 +41,7 @@ class StageSettings:
     lr: float = 5e-4
     selection_lr: float = 1e-3
     reuse_penalty: float = 0.0
+    prune_scope: str = "own"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,11 +53,14 @@ class StageSettings:
                 raise ValueError(f"{name} {getattr(self, name)!r} is negative")
         if self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
+        if self.prune_scope not in PRUNE_SCOPES:
+            raise ValueError(f"prune scope {self.prune_scope!r} is not one of {', '.join(PRUNE_SCOPES)}")
         if not (self.lr > 0 and self.selection_lr > 0):
             raise ValueError(f"learning rates must be positive (lr {self.lr!r}, selection_lr {self.selection_lr!r})")
 
     @property
     def total_steps(self) -> int:
+        """Steps of the whole stage: grow, prune and fine-tune."""
         return self.grow_steps + self.prune_steps + self.finetune_steps
 
 
@@ -94,12 +102,14 @@ class Optimisers:
     @classmethod
     def build(cls, param_groups: list[dict[str, Any]], aux: list[torch.nn.Parameter],
               phases: tuple[int, ...]) -> Optimisers:
+        """Adam with the restarting cosine over ``phases`` on ``param_groups``, Adam on ``aux``."""
         main = torch.optim.Adam(param_groups)
         factors = cls.factors(phases)
         schedule = torch.optim.lr_scheduler.LambdaLR(main, lambda s: factors[s] if s < len(factors) else 0.0)
         return cls(main, schedule, torch.optim.Adam(aux, lr=1e-3) if aux else None)
 
     def step(self, loss: torch.Tensor, aux_loss: Callable[[], torch.Tensor | None]) -> None:
+        """One step of every optimiser: the main one on ``loss``, the auxiliary one on ``aux_loss()``."""
         self.main.zero_grad(set_to_none=True)
         loss.backward()
         self.main.step()
@@ -123,6 +133,19 @@ def prune_schedule(ratio: float, steps: int, events: int = 10) -> dict[int, floa
     return {(k - 1) * interval: ratio * (1 - (1 - k / events) ** 3) for k in range(1, events + 1)}
 
 
+def _stage_optimisers(shared: SharedNetwork, family: Family, settings: StageSettings) -> Optimisers:
+    """The optimisers of the task in progress: its weights at ``lr``, its selection at ``selection_lr``, the
+    family's auxiliary parameters by their own; the cosine restarts when pruning starts."""
+    groups = shared.trainable_parameters()
+    aux = family.aux_parameters(shared)
+    aux_ids = {id(p) for p in aux}
+    param_groups = [{"params": [p for p in groups["weights"] if id(p) not in aux_ids], "lr": settings.lr}]
+    if groups["selection"]:
+        param_groups.append({"params": groups["selection"], "lr": settings.selection_lr})
+    phases = (settings.grow_steps, settings.prune_steps + settings.finetune_steps)
+    return Optimisers.build(param_groups, aux, phases)
+
+
 def run_stage(
     shared: SharedNetwork,
     family: Family,
@@ -135,31 +158,26 @@ def run_stage(
 ) -> StageResult:
     """Grow ``task`` into ``shared``, prune it, fine-tune it, commit it, then evaluate and cost it.
 
-    ``on_step(step, figures)`` is called with the training figures about ten times per stage.
+    The task is always pruned to ``prune_ratio`` before it is committed: with no prune and no fine-tune steps, once
+    after the last growing step (untuned). ``on_step(step, figures)`` is called with the training figures about
+    ten times per stage.
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     shared.train()
     shared.begin_task(task, settings.block_shape, settings.reuse)  # type: ignore[arg-type]
-    groups = shared.trainable_parameters()
-    aux = family.aux_parameters(shared)
-    aux_ids = {id(p) for p in aux}
-    param_groups = [{"params": [p for p in groups["weights"] if id(p) not in aux_ids], "lr": settings.lr}]
-    if groups["selection"]:
-        param_groups.append({"params": groups["selection"], "lr": settings.selection_lr})
-    total = max(1, settings.total_steps)
-    phases = (settings.grow_steps, settings.prune_steps + settings.finetune_steps)
-    optimisers = Optimisers.build(param_groups, aux, phases)
+    optimisers = _stage_optimisers(shared, family, settings)
     schedule = prune_schedule(settings.prune_ratio, settings.prune_steps)
     patch = family.patch_size(task)
     history: list[dict[str, float]] = []
-    every = max(1, total // 10)
+    every = max(1, settings.total_steps // 10)
+    pruned = False
     for step in range(settings.total_steps):
         if step == settings.grow_steps:
             shared.fix_selection()
-        prune_step = step - settings.grow_steps
-        if prune_step in schedule:
-            shared.prune(schedule[prune_step])
+        if (step - settings.grow_steps) in schedule:
+            shared.prune(schedule[step - settings.grow_steps], settings.prune_scope)  # type: ignore[arg-type]
+            pruned = True
         loss, figures = family.loss(shared, task, sampler.sample(settings.batch_size, patch).to(shared.device))
         figures["lr"] = optimisers.main.param_groups[0]["lr"]
         if settings.reuse_penalty and step < settings.grow_steps:
@@ -172,8 +190,9 @@ def run_stage(
             if on_step is not None:
                 on_step(step, figures)
             log(f"[{task}] step {step + 1}/{settings.total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
-    if settings.total_steps == 0:
-        shared.prune(settings.prune_ratio)
+    if not pruned:  # no prune or fine-tune step ran the schedule
+        shared.fix_selection()
+        shared.prune(settings.prune_ratio, settings.prune_scope)  # type: ignore[arg-type]
     family.before_commit(shared, task)
     shared.commit()
     shared.eval()
@@ -224,6 +243,20 @@ class JobResult:
         }
 
 
+class DriftError(RuntimeError):
+    """A committed task whose metrics changed after later tasks were grown: a defect of the PnG core."""
+
+
+def _check_unchanged(stage: StageResult, final: dict[str, float]) -> None:
+    """Raise :class:`DriftError` naming the first metric of ``stage``'s task that differs at the end of the job."""
+    for name in sorted(set(stage.metrics) | set(final)):
+        before, after = stage.metrics.get(name), final.get(name)
+        both_nan = isinstance(before, float) and isinstance(after, float) and math.isnan(before) and math.isnan(after)
+        if before != after and not both_nan:
+            raise DriftError(f"task {stage.task!r} changed after later tasks were added: {name} was {before!r} at "
+                             f"commit, {after!r} at the end")
+
+
 def train_shared(
     family: Family,
     settings: list[StageSettings],
@@ -239,8 +272,8 @@ def train_shared(
     Task 1 starts from ``initial`` (a dense state dict of the family's model) when given, else from scratch.
     ``on_step(task, step, figures)`` is called about ten times per stage.
 
-    Raises ``AssertionError`` if an earlier task's metrics changed after later tasks were added (they cannot,
-    by construction; this is the end-to-end check of that guarantee).
+    Raises :class:`DriftError` if an earlier task's metrics changed after later tasks were added (they cannot,
+    by construction; this is the end-to-end check of that guarantee, kept under ``python -O``).
     """
     if len(settings) != len(family.tasks):
         raise ValueError(f"{len(settings)} stage settings for {len(family.tasks)} tasks")
@@ -257,6 +290,6 @@ def train_shared(
     ]
     final = {task: family.evaluate(shared, task, eval_images) for task in family.tasks}
     for stage in stages:
-        assert final[stage.task] == stage.metrics, f"task {stage.task!r} changed after later tasks were added"
+        _check_unchanged(stage, final[stage.task])
     return JobResult(family, shared, stages, final, model_cost(shared), time.perf_counter() - start)
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from bench import compare
-from bench.compare import Budget, main, run_benchmark
+from bench.compare import Budget, Row, main, run_benchmark
 from pngrow.workers.data import ImageSet
-from pngrow.workers.metrics import bd_rate
+from pngrow.workers.models import get_family
 
 
 def _images(count: int, size: int, seed: int = 0) -> ImageSet:
@@ -40,7 +40,10 @@ def test_every_system_is_measured_on_every_task_under_the_same_budget() -> None:
     entry = summary["systems"]
     assert entry["separate"]["stored_vs_one_dense"] == pytest.approx(2.0, rel=0.01)
     assert entry["png-4x4"]["stored_params"] < entry["separate"]["stored_params"]
-    assert entry["separate"]["psnr_delta"] == {"x2": 0.0, "x4": 0.0}
+    by = {(r.system, r.task): r.metrics["psnr"] for r in rows}
+    for system in systems:
+        expected = {t: by[system, t] - by["separate", t] for t in ("x2", "x4")}
+        assert entry[system]["psnr_delta"] == pytest.approx(expected)
     assert set(entry["png-2x1024"]["compact_speedup"]) == {"x2", "x4"}
 
 
@@ -48,12 +51,37 @@ def test_nic_is_compared_by_bd_rate_from_real_bitstreams() -> None:
     rows, summary = run_benchmark("nic", TINY_NIC, _images(2, 64), _images(2, 64, seed=1), log=lambda m: None)
     assert {r.system for r in rows} == {"separate", "png-4x1024", "joint"}
     assert all(r.metrics["bpp"] > 0 for r in rows)
-    anchor = [(r.metrics["bpp"], r.metrics["psnr"]) for r in rows if r.system == "separate"]
-    for system, entry in summary["systems"].items():
-        curve = [(r.metrics["bpp"], r.metrics["psnr"]) for r in rows if r.system == system]
-        expected = bd_rate(anchor, curve)  # NaN where two steps of training leave a degenerate curve
-        assert entry["bd_rate_psnr"] == pytest.approx(expected, nan_ok=True)
-        assert "bd_rate_ms_ssim" in entry
+    # The anchor against itself: no rate change (NaN where two steps of training leave a degenerate curve).
+    itself = summary["systems"]["separate"]["bd_rate_psnr"]
+    assert math.isnan(itself) or itself == pytest.approx(0.0, abs=1e-9)
+    for entry in summary["systems"].values():
+        assert isinstance(entry["bd_rate_psnr"], float) and isinstance(entry["bd_rate_ms_ssim"], float)
+
+
+def _row(system: str, task: str, **metrics: float) -> Row:
+    return Row(system, task, metrics, macs=1, latency_ms=1.0, stored_params=1, dense_params=1)
+
+
+def test_a_png_model_0_3_db_below_the_separate_ones_has_a_psnr_delta_of_minus_0_3() -> None:
+    rows = [_row("separate", "x2", psnr=34.0), _row("separate", "x4", psnr=28.5),
+            _row("png-4x4", "x2", psnr=33.7), _row("png-4x4", "x4", psnr=28.5)]
+    summary = compare._summary(get_family("sisr", ["x2", "x4"]), rows, {"separate": 2, "png-4x4": 1}, 1,
+                               {"separate": 1.0, "png-4x4": 1.0})
+    assert summary["systems"]["png-4x4"]["psnr_delta"] == pytest.approx({"x2": -0.3, "x4": 0.0})
+    assert summary["systems"]["separate"]["psnr_delta"] == {"x2": 0.0, "x4": 0.0}
+
+
+@pytest.mark.parametrize(("factor", "expected"), [(0.9, -10.0), (1.25, 25.0)])
+def test_a_codec_spending_a_known_share_of_the_rate_has_that_bd_rate(factor: float, expected: float) -> None:
+    anchor = [(0.2, 28.0, 0.90), (0.4, 31.0, 0.94), (0.7, 33.5, 0.96), (1.1, 35.5, 0.975)]  # bpp, PSNR, MS-SSIM
+    tasks = ("q6", "q4", "q3", "q1")
+    rows = [_row("separate", t, bpp=b, psnr=p, ms_ssim=m) for t, (b, p, m) in zip(tasks, anchor)]
+    rows += [_row("png-4x1024", t, bpp=factor * b, psnr=p, ms_ssim=m) for t, (b, p, m) in zip(tasks, anchor)]
+    summary = compare._summary(get_family("nic", list(tasks)), rows, {"separate": 4, "png-4x1024": 1}, 1,
+                               {"separate": 1.0, "png-4x1024": 1.0})
+    png = summary["systems"]["png-4x1024"]
+    assert png["bd_rate_psnr"] == pytest.approx(expected) and png["bd_rate_ms_ssim"] == pytest.approx(expected)
+    assert summary["systems"]["separate"]["bd_rate_psnr"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,3 +110,34 @@ def test_unreadable_image_is_named(tmp_path: Path, capsys) -> None:
     (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
     assert main([*TINY_SISR, "--data", str(tmp_path)]) == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+def test_a_defect_is_one_line_and_debug_shows_its_traceback(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import pngrow.workers.models as models
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return {}["width"]  # a KeyError from a bug is not a user's error
+
+    monkeypatch.setattr(models, "get_family", broken)
+    assert main(TINY_SISR) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pngrow: error: KeyError: 'width'") and "--debug" in err and err.count("\n") == 1
+    for argv in (["--debug", *TINY_SISR], [*TINY_SISR, "--debug"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "in broken" in err
+        assert err.strip().splitlines()[-1].startswith("pngrow: error: KeyError: 'width'")
+
+
+def test_user_errors_show_their_traceback_only_with_debug(capsys) -> None:
+    assert main(["--debug", *TINY_SISR, "--prune", "half"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == "pngrow: error: --prune 'half' is not a number"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_missing_device_is_named(capsys) -> None:
+    assert main([*TINY_SISR, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "pngrow: error: device 'cuda' is not available: this machine has no CUDA device\n"
+    assert main([*TINY_SISR, "--device", "gpu"]) == 2
+    assert "device 'gpu' is not a torch device" in capsys.readouterr().err

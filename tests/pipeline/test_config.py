@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pngrow.errors import ConfigError
-from pngrow.pipeline.config import SearchConfig, load_config
+from pngrow.pipeline.config import RayOptions, SearchConfig, flat_params, load_config, public_config
 
 EXAMPLES = Path(__file__).parents[2] / "search_spaces" / "examples"
 
@@ -41,9 +41,18 @@ def test_a_tracking_server_owns_its_artifacts() -> None:
         ("family: sisr\ntasks: [x2]\nbudget: {trials: 3}", "budget': unknown field 'trials'"),
         ("family: sisr\ntasks: [x2]\nbudget: {trials_per_stage: 0}", "'trials_per_stage' is 0, must be at least 1"),
         ("family: sisr\ntasks: [x2]\nbudget: {parallel_trials: '2'}", "'parallel_trials' is '2', not int"),
-        ("family: sisr\ntasks: [x2]\nobjectives: {cost: flops}", "'cost' is 'flops', not one of density"),
+        ("family: sisr\ntasks: [x2]\nobjectives: {cost: flops}", "'cost' names 'flops', not one of density, "
+                                                                "stored_params, latency"),
+        ("family: sisr\ntasks: [x2]\nobjectives: {cost: [latency, latency]}", "list of distinct costs"),
+        ("family: sisr\ntasks: [x2]\nobjectives: {cost: []}", "name one cost"),
+        ("family: sisr\ntasks: [x2]\nobjectives: {latency: {rounds: 0}}", "'rounds' is 0, must be at least 1"),
+        ("family: sisr\ntasks: [x2]\nobjectives: {latency: {size: -64}}", "'size' is -64, must not be negative"),
+        ("family: sisr\ntasks: [x2]\nobjectives: {latency: {warmup: 2}}", "latency': unknown field 'warmup'"),
         ("family: sisr\ntasks: [x2]\nselect: {tolerance: -1}", "'tolerance' is -1.0, must not be negative"),
         ("family: sisr\ntasks: [x2]\nray: {gpus: 1}", "ray': unknown field 'gpus'"),
+        ("family: sisr\ntasks: [x2]\nray: {gpus_per_trial: -1}", "ray field 'gpus_per_trial' is -1.0, must not"),
+        ("family: sisr\ntasks: [x2]\nray: {gpus_per_trial: -0.5}", "'gpus_per_trial' is -0.5, must not be negative"),
+        ("family: sisr\ntasks: [x2]\nray: {cpus_per_trial: -2}", "field 'cpus_per_trial' is -2, must be at least 1"),
         ("family: sisr\ntasks: [x2]\ndata: {eval_limit: 0}", "'eval_limit' is 0, must be at least 1"),
         ("family: sisr\ntasks: [x2]\nseeds: 1", "unknown field 'seeds'"),
     ],
@@ -64,3 +73,39 @@ def test_environment_variables_fill_secrets(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv("DB_PASSWORD")
     with pytest.raises(ConfigError, match=r"field 'optuna_storage' uses \$\{DB_PASSWORD\}, which is not set"):
         load_config(path)
+
+
+def test_a_config_with_no_gpus_per_trial_is_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "search.yaml"
+    path.write_text("family: sisr\ntasks: [x2]\nray: {gpus_per_trial: 0, cpus_per_trial: 3}\n")
+    assert (load_config(path).ray.gpus_per_trial, load_config(path).ray.cpus_per_trial) == (0.0, 3)
+
+
+def test_what_mlflow_records_of_a_config_has_no_password(tmp_path: Path) -> None:
+    config = SearchConfig(family="sisr", tasks=["x2", "x3"], arch={"width": 8}, workdir=str(tmp_path),
+                          optuna_storage="postgresql://u:s3cret@db/optuna", tracking_uri="http://u:pw@mlflow:5000",
+                          ray=RayOptions(address="ray://u:tok@head:10001"))
+    public = public_config(config)
+    assert "s3cret" not in str(public) and "pw@" not in str(public) and "tok@" not in str(public)
+    assert public["optuna_storage"] == "postgresql://u:***@db/optuna" and public["workdir"] == str(tmp_path)
+    params = flat_params(config)
+    assert params["tasks"] == "x2,x3" and params["arch.width"] == 8
+    assert params["ray.address"] == "ray://u:***@head:10001"
+    assert "ray" not in params and "arch" not in params and "s3cret" not in str(params)
+
+
+def test_latency_costs_and_their_input_are_read_and_checked_against_the_family(tmp_path: Path) -> None:
+    from pngrow.pipeline.plan import prepare
+
+    path = tmp_path / "search.yaml"
+    path.write_text("family: nic\ntasks: [q2]\nobjectives: {cost: [latency, stored_params], latency: {size: 128}}\n")
+    config = load_config(path)
+    assert config.costs == ("latency", "stored_params") and config.cost == "latency" and config.measures_latency
+    assert config.latency_size == 128 and config.latency_rounds == 10
+    prepare(config)  # 128 is a multiple of the codec's stride
+    path.write_text("family: nic\ntasks: [q2]\nobjectives: {cost: latency, latency: {size: 100}}\n")
+    with pytest.raises(ConfigError, match="latency input size 100 does not fit the nic model: it must be a positive "
+                                          "multiple of 64"):
+        prepare(load_config(path))
+    path.write_text("family: sisr\ntasks: [x2]\nselect: {rule: fastest_within}\n")
+    assert load_config(path).measures_latency  # the rule reads latencies, so trials measure them

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pngrow.pipeline.cli import main
+from pngrow.workers.models import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +58,12 @@ def _start_driver(folder: Path, config: Path, *args: str, env: dict[str, str] | 
     return subprocess.Popen([sys.executable, "-m", "pngrow", "search", str(config), *args, "--quiet"], cwd=folder,
                             stdout=subprocess.DEVNULL, stderr=stderr, env=_driver_env(env), start_new_session=True,
                             text=capture)
+
+
+def _fingerprint(client: MlflowClient, run_id: str, task: str, folder: Path) -> str:
+    """``task``'s fingerprint in the checkpoint of ``run_id``, computed from its weights."""
+    _, shared = load_model(client.download_artifacts(run_id, "checkpoint", str(folder)))
+    return shared.fingerprint(task)
 
 
 def _wait_for(what: str, check, process: subprocess.Popen, timeout: float = 240):  # noqa: ANN001, ANN202
@@ -161,6 +168,8 @@ def test_a_killed_driver_resumes_without_redoing_finished_work(tmp_path: Path, m
     assert main(["search", str(config), "--quiet"]) == 0
     fresh = [r for r in _runs(client, "tags.`pngrow.kind` = 'search'") if r.info.run_id != search_id][0]
     assert fresh.data.tags["pngrow.fingerprint.x2"] == search.data.tags["pngrow.fingerprint.x2"]
+    final = _fingerprint(client, search.data.tags["pngrow.final_stage_run"], "x2", tmp_path / "final")
+    assert final == search.data.tags["pngrow.fingerprint.x2"]
 
 
 def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_path: Path, monkeypatch) -> None:
@@ -261,7 +270,7 @@ def test_losing_the_artifact_store_mid_search_fails_cleanly_then_resumes(tmp_pat
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path: Path) -> None:
+def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path: Path, monkeypatch) -> None:
     """The two crashes above on the cluster stack: PostgreSQL for Optuna, an MLflow server with S3 artifacts, and a Ray
     head in its own process, whose worker (not the driver's child) is killed; resume then reads the committed stage
     back from S3."""
@@ -296,7 +305,9 @@ def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path
     driver.wait(30)
     before = {t.info.run_id: t.info.status for t in ours("tags.`pngrow.kind` = 'trial'")}
     stage1 = ours("tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '0'")[0]
-    committed = client.get_run(stage1.data.tags["pngrow.chosen_trial_run"]).data.tags["pngrow.fingerprint"]
+    for key, value in services.s3.env().items():  # to read checkpoints from the object store here
+        monkeypatch.setenv(key, value)
+    committed = _fingerprint(client, stage1.info.run_id, "x2", tmp_path / "committed")
 
     resumed = subprocess.run([sys.executable, "-m", "pngrow", "resume", search_id, *cluster, "--quiet"],
                              cwd=tmp_path, env=_driver_env(services.env()), capture_output=True, text=True, timeout=600)
@@ -313,5 +324,7 @@ def test_a_killed_worker_and_a_killed_driver_on_real_services(services, tmp_path
     assert sorted(t.info.status for t in after.values() if t.data.tags["pngrow.stage_index"] == "0") == [
         "FAILED", "FINISHED", "FINISHED"]
     assert sum(t.info.status == "FINISHED" and t.data.tags["pngrow.stage_index"] == "1" for t in after.values()) == 3
-    # The committed task came back from the object store bit-identical.
-    assert search.data.tags["pngrow.fingerprint.x2"] == committed
+    # The committed task came back from the object store bit-identical: the final model's x2, computed here from its
+    # checkpoint, is the x2 of stage 1's checkpoint as the killed driver left it, and the search records that.
+    final = _fingerprint(client, search.data.tags["pngrow.final_stage_run"], "x2", tmp_path / "final")
+    assert final == committed and search.data.tags["pngrow.fingerprint.x2"] == committed

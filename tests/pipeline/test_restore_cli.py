@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from pngrow import load_shared_model
@@ -96,3 +97,34 @@ def test_odd_images_get_a_clear_error_or_tiles(models) -> None:
     tiled = model.upscale(big, scale=2).astype(int)
     whole = model.upscale(big, scale=2, tile=2048).astype(int)
     assert tiled.shape == (2060, 2080, 3) and np.abs(tiled - whole).max() <= 1
+
+
+def test_a_bitstream_given_to_a_sisr_model_is_refused(models, photo: Path, tmp_path: Path, capsys) -> None:
+    bitstream = tmp_path / "q6.bin"
+    assert main(["compress", "--model", str(models["nic"]), "--task", "q6", str(photo), str(bitstream)]) == 0
+    capsys.readouterr()
+    assert main(["decompress", "--model", str(models["sisr"]), str(bitstream), str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "family 'sisr' does not decompress bitstreams" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["upscale", "--model", "{sisr}", "--scale", "2", "--device", "cuda", "{photo}", "o.png"],
+        ["compress", "--model", "{nic}", "--task", "q6", "--device", "cuda", "{photo}", "o.bin"],
+        ["decompress", "--model", "{nic}", "--device", "cuda:1", "{photo}", "o.png"],
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_line(models, photo: Path, tmp_path: Path, monkeypatch, capsys,
+                                                 args: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    filled = [a.format(sisr=models["sisr"], nic=models["nic"], photo=photo) for a in args]
+    assert main(filled) == 2
+    device = filled[filled.index("--device") + 1]
+    expected = f"pngrow: error: device {device!r} is not available: this machine has no CUDA device\n"
+    assert capsys.readouterr().err == expected
+    assert not list(tmp_path.glob("o.*"))
+    with pytest.raises(ValueError, match=f"device {device!r} is not available"):
+        load_shared_model(str(models["sisr"]), device=device)

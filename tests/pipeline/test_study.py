@@ -22,7 +22,7 @@ def test_rules_trade_quality_for_cost_as_stated() -> None:
 
 
 def test_select_errors_name_the_problem() -> None:
-    with pytest.raises(ValueError, match="selection rule 'cheapest' is not one of best_quality, sparsest_within"):
+    with pytest.raises(ValueError, match="selection rule 'cheapest' is not one of best_quality, fastest_within, sparsest_within"):
         select("cheapest", [A], True, 0.1)
     with pytest.raises(ValueError, match="no trial of the stage finished"):
         select("best_quality", [], True, 0.1)
@@ -37,8 +37,9 @@ def test_pareto_front_keeps_only_undominated_trials() -> None:
 
 def test_study_asks_within_the_space_and_starts_from_the_defaults() -> None:
     space = load_search_space("sisr-tiny")
-    study = open_study("sqlite:///:memory:", "s", "maximize", seed=0)
+    study = open_study("sqlite:///:memory:", "s", "psnr", "maximize", ["density"], seed=0)
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert study.metric_names == ["psnr", "density"]  # what the Optuna dashboard shows
     study.enqueue_trial(space.defaults())
     dists = distributions(space)
     first = study.ask(dists)
@@ -47,3 +48,47 @@ def test_study_asks_within_the_space_and_starts_from_the_defaults() -> None:
         trial = study.ask(dists)
         assert all(space.parameters[k].contains(v) for k, v in trial.params.items())
         study.tell(trial, [30.0, 0.5])
+
+
+def test_retrying_outlasts_a_short_outage_and_names_a_long_one() -> None:
+    import sqlalchemy.exc
+
+    from pngrow.errors import ServiceError
+    from pngrow.pipeline.study import retrying
+
+    calls = []
+
+    def flaky(fails: int):  # noqa: ANN202
+        def call() -> str:
+            calls.append(1)
+            if len(calls) <= fails:
+                raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection\nmore"))
+            return "answered"
+        return call
+
+    assert retrying(flaky(2), "postgresql://u:***@db/optuna", delays=(0.0, 0.0)) == "answered" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(ServiceError, match=r"^Optuna storage 'postgresql://u:\*\*\*@db/optuna' stopped answering: "
+                                           r"OperationalError: .*server closed the connection") as info:
+        retrying(flaky(5), "postgresql://u:***@db/optuna", delays=(0.0, 0.0))
+    assert len(calls) == 3 and info.value.service == "optuna" and "\n" not in str(info.value)
+
+
+def test_a_study_with_two_costs_has_three_named_objectives(tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_study(storage, "three", "psnr", "maximize", ["latency", "stored_params"], seed=0)
+    loaded = optuna.load_study(study_name="three", storage=storage)  # as optuna-dashboard reads it
+    assert loaded.metric_names == ["psnr", "latency", "stored_params"]
+    assert loaded.directions[1:] == [optuna.study.StudyDirection.MINIMIZE] * 2
+
+
+def test_fastest_within_takes_the_lowest_latency_near_the_best_and_needs_latencies() -> None:
+    from pngrow.pipeline.study import select
+
+    fast = Candidate(0, 29.95, 0.9, "fast", latency_ms=10.0)
+    sparse = Candidate(1, 30.0, 0.3, "sparse", latency_ms=30.0)
+    too_bad = Candidate(2, 28.0, 0.1, "bad", latency_ms=1.0)
+    assert select("fastest_within", [fast, sparse, too_bad], True, 0.1).run_id == "fast"
+    assert select("sparsest_within", [fast, sparse, too_bad], True, 0.1).run_id == "sparse"
+    with pytest.raises(ValueError, match="needs every trial's latency"):
+        select("fastest_within", [Candidate(0, 30.0, 0.5, "x")], True, 0.1)

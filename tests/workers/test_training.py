@@ -27,3 +27,28 @@ def test_a_dense_stage_has_one_cosine_and_empty_phases_are_skipped() -> None:
     for _ in range(3):  # a step past the phases trains at rate 0 instead of failing
         optimisers.step((weight - 1).pow(2).sum(), lambda: None)
     assert optimisers.main.param_groups[0]["lr"] == 0.0
+
+
+def test_a_stage_without_prune_or_finetune_steps_still_prunes() -> None:
+    family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
+    images = default_images("eval").limit(1)
+    settings = StageSettings(grow_steps=2, prune_steps=0, finetune_steps=0, batch_size=1, prune_ratio=0.5)
+    job = train_shared(family, [settings], images, images, log=lambda m: None)
+    assert job.stages[0].cost.density == pytest.approx(0.5, abs=0.05)
+    kept = StageSettings(grow_steps=2, prune_steps=0, finetune_steps=0, batch_size=1, prune_ratio=0.0)
+    assert train_shared(family, [kept], images, images, log=lambda m: None).stages[0].cost.density == 1.0
+
+
+def test_a_task_that_changed_is_named_without_assert(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pngrow.workers import training
+
+    family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
+    images = default_images("eval").limit(1)
+    settings = StageSettings(grow_steps=1, prune_steps=0, finetune_steps=1, batch_size=1)
+    calls = iter(range(100))
+    evaluate = type(family).evaluate
+    monkeypatch.setattr(type(family), "evaluate",
+                        lambda self, *a: {**evaluate(self, *a), "psnr": float(next(calls))})
+    with pytest.raises(training.DriftError, match=r"task 'x2' changed after later tasks were added: psnr was 0\.0 "
+                                                  r"at commit, 1\.0 at the end"):
+        train_shared(family, [settings], images, images, log=lambda m: None)

@@ -12,7 +12,7 @@ from torch import nn
 from ..data import ImageSet
 from ..png import CheckpointError, SharedNetwork, load_shared, read_description, save_shared
 
-__all__ = ["FAMILIES", "Family", "get_family", "load_model", "register_family"]
+__all__ = ["FAMILIES", "Codec", "Family", "Upscaler", "get_family", "load_model", "register_family"]
 
 FAMILIES: dict[str, type[Family]] = {}
 
@@ -58,6 +58,8 @@ class Family(ABC):
     default_tasks: ClassVar[tuple[str, ...]]
     arch_defaults: ClassVar[dict[str, Any]]
     cost_size: ClassVar[int]  # side of the square input that task MACs are counted for
+    latency_size: ClassVar[int]  # default side of the square input a task's latency is measured on
+    size_multiple: ClassVar[int] = 1  # input sides the model takes must be multiples of this
     # Training budget of the default job (2 CPU cores, under 10 minutes for the default tasks).
     train_defaults: ClassVar[dict[str, Any]]
     # What :meth:`evaluate` returns, each with whether higher ("maximize") or lower is better, and the one a
@@ -123,11 +125,21 @@ class Family(ABC):
     def cost_inputs(self, task: str) -> tuple[torch.Tensor, ...]:
         """Inputs of one forward of ``task`` for counting MACs."""
 
+    def latency_inputs(self, size: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Inputs of one forward whose time is a task's latency: a random (1, 3, size, size) image in [0, 1]
+        (:attr:`latency_size` when None). A size the model cannot take is refused in one line naming it."""
+        size = self.latency_size if size is None else size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % self.size_multiple:
+            rule = f"a positive multiple of {self.size_multiple}" if self.size_multiple > 1 else "a positive integer"
+            raise ValueError(f"latency input size {size!r} does not fit the {self.name} model: it must be {rule}")
+        return (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+
     def aux_parameters(self, shared: SharedNetwork) -> list[nn.Parameter]:
         """Parameters trained by their own optimiser on :meth:`aux_loss` (none by default)."""
         return []
 
     def aux_loss(self, shared: SharedNetwork) -> torch.Tensor | None:
+        """Loss of the :meth:`aux_parameters` (None when there are none)."""
         return None
 
     def before_commit(self, shared: SharedNetwork, task: str) -> None:
@@ -143,6 +155,43 @@ class Family(ABC):
     def save(self, shared: SharedNetwork, folder: str | Path) -> Path:
         """Save ``shared`` (safetensors + JSON) so that :func:`load_model` rebuilds it with this family."""
         return save_shared(shared, folder, self.architecture())
+
+
+class Codec(ABC):
+    """What a family whose tasks entropy-code images adds (its tasks are rates): CompressAI's ``compress`` and
+    ``decompress`` of one image at a task's rate. Callers check ``isinstance(family, Codec)``."""
+
+    @abstractmethod
+    def compress(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> dict[str, Any]:
+        """Entropy-code a (1, 3, H, W) image in [0, 1] at ``task``'s rate: CompressAI's ``strings`` and ``shape``."""
+
+    @abstractmethod
+    def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any],
+                   size: tuple[int, int]) -> torch.Tensor:
+        """The (1, 3, H, W) image of ``coded`` (what :meth:`compress` returned), cropped to ``size`` (H, W)."""
+
+    @abstractmethod
+    def rd_lambda(self, task: str) -> float:
+        """The rate-distortion trade-off ``task`` was trained for; higher is a higher rate (orders the rates)."""
+
+
+class Upscaler(ABC):
+    """What a family whose tasks zoom images adds (its tasks are scales). Callers check
+    ``isinstance(family, Upscaler)``."""
+
+    tasks: list[str]
+
+    @abstractmethod
+    def scale(self, task: str) -> int:
+        """The zoom factor of ``task``."""
+
+    def task_for_scale(self, scale: int) -> str:
+        """This model's task that zooms by ``scale``."""
+        for task in self.tasks:
+            if self.scale(task) == scale:
+                return task
+        known = ", ".join(str(self.scale(t)) for t in self.tasks)
+        raise ValueError(f"scale {scale!r} is not one of this model's: {known}")
 
 
 def load_model(folder: str | Path, tasks: list[str] | None = None) -> tuple[Family, SharedNetwork]:

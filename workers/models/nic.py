@@ -19,7 +19,7 @@ with warnings.catch_warnings():
 from ..data import ImageSet
 from ..metrics import ms_ssim, psnr, quantize
 from ..png import SharedNetwork
-from ._family import Family, register_family
+from ._family import Codec, Family, register_family
 
 __all__ = ["CODECS", "NICFamily", "lambda_of"]
 
@@ -50,7 +50,7 @@ def _bits(likelihoods: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @register_family("nic")
-class NICFamily(Family):
+class NICFamily(Family, Codec):
     """Multi-rate compression: ``lambda * 255^2 * MSE + bpp`` per task; bpp on evaluation from real bitstreams.
 
     Convolutions of the analysis, synthesis and hyper transforms are shared by PnG; biases, GDNs and the entropy
@@ -60,6 +60,8 @@ class NICFamily(Family):
     default_tasks = ("q6", "q4", "q2")
     arch_defaults: dict[str, Any] = {"codec": "scale-hyperprior", "N": 64, "M": 96, "patch": 128}
     cost_size = 256
+    latency_size = 256
+    size_multiple = _STRIDE
     train_defaults: dict[str, Any] = {"grow_steps": 300, "prune_steps": 100, "finetune_steps": 100, "batch_size": 8}
     metric_directions = {"psnr": "maximize", "ms_ssim": "maximize", "bpp": "minimize", "rd_loss": "minimize"}
     quality_metric = "rd_loss"
@@ -73,6 +75,10 @@ class NICFamily(Family):
 
     def check_task(self, task: str) -> None:
         lambda_of(task)
+
+    def rd_lambda(self, task: str) -> float:
+        """``task``'s lambda (see :func:`lambda_of`)."""
+        return lambda_of(task)
 
     def patch_size(self, task: str) -> int:
         return self.arch["patch"]
@@ -108,6 +114,7 @@ class NICFamily(Family):
         return shared.model.compress(padded)
 
     def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
+        """Decode what :meth:`compress` returned with ``task``'s entropy model, cropped to ``size`` (H, W)."""
         shared.activate(task)
         x_hat = shared.model.decompress(coded["strings"], coded["shape"])["x_hat"]
         return x_hat[..., : size[0], : size[1]]

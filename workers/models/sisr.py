@@ -13,7 +13,7 @@ from torch import nn
 from ..data import ImageSet
 from ..metrics import ms_ssim, psnr_y, quantize
 from ..png import SharedNetwork
-from ._family import Family, register_family
+from ._family import Family, Upscaler, register_family
 
 __all__ = ["EDSR", "SISRFamily", "bicubic_downscale", "scale_of"]
 
@@ -89,12 +89,13 @@ class EDSR(nn.Module):
 
 
 @register_family("sisr")
-class SISRFamily(Family):
+class SISRFamily(Family, Upscaler):
     """x2/x3/x4 super-resolution; L1 loss; PSNR and MS-SSIM on Y with the border cropped by the scale."""
 
     default_tasks = ("x2", "x3", "x4")
     arch_defaults: dict[str, Any] = {"width": 32, "depth": 4, "skip": "bicubic", "lr_patch": 24}
     cost_size = 64
+    latency_size = 96
     train_defaults: dict[str, Any] = {"grow_steps": 400, "prune_steps": 150, "finetune_steps": 150, "batch_size": 16}
     metric_directions = {"psnr": "maximize", "ms_ssim": "maximize", "bicubic_psnr": "maximize"}
     quality_metric = "psnr"
@@ -110,13 +111,6 @@ class SISRFamily(Family):
     def scale(self, task: str) -> int:
         """The zoom factor of ``task``."""
         return scale_of(task)
-
-    def task_for_scale(self, scale: int) -> str:
-        """This model's task that zooms by ``scale``."""
-        for task in self.tasks:
-            if scale_of(task) == scale:
-                return task
-        raise ValueError(f"scale {scale!r} is not one of this model's: {', '.join(str(scale_of(t)) for t in self.tasks)}")
 
     def patch_size(self, task: str) -> int:
         """Every scale trains on low-resolution patches of the same side, ``lr_patch``."""
@@ -134,12 +128,15 @@ class SISRFamily(Family):
 
     @torch.no_grad()
     def evaluate(self, shared: SharedNetwork, task: str, images: ImageSet) -> dict[str, float]:
+        """PSNR-Y, MS-SSIM-Y and bicubic's PSNR-Y; LR inputs from the set's pairs (a paired folder), else made by
+        :func:`bicubic_downscale` of the HR image cropped to a multiple of the scale."""
         scale = scale_of(task)
+        given = images.low_res.get(scale)
         ours, similarity, bicubic = [], [], []
-        for image in images.images:
+        for index, image in enumerate(images.images):
             h, w = (image.shape[1] // scale) * scale, (image.shape[2] // scale) * scale
             hr = image[None, :, :h, :w].float().div(255).to(shared.device)
-            lr = bicubic_downscale(hr, scale)
+            lr = given[index][None].float().div(255).to(shared.device) if given else bicubic_downscale(hr, scale)
             sr = quantize(shared(task, lr))
             ours.append(psnr_y(sr, hr, scale))
             similarity.append(ms_ssim(sr, hr, y_border=scale))

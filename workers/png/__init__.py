@@ -5,11 +5,14 @@ from __future__ import annotations
 from ._accounting import ModelCost, TaskCost, count_macs, model_cost, task_cost
 from ._blocks import BlockGrid, parse_block_shape
 from ._compact import STRATEGIES, CompactLayer, CompactModel, LayerPlan, compact_task
-from ._shared import PRUNABLE_TYPES, SharedLayer, SharedNetwork, TaskRecord, assign_tensor
-from ._storage import CheckpointError, load_shared, read_description, save_shared
+from ._shared import (FREE, PRUNABLE_TYPES, PRUNE_SCOPES, SharedLayer, SharedNetwork, TaskRecord, UnknownTaskError, assign_tensor,
+                      head_prefixes)
+from ._storage import CheckpointError, checkpoint_tensors, load_shared, read_description, save_shared
 
 __all__ = [
+    "FREE",
     "PRUNABLE_TYPES",
+    "PRUNE_SCOPES",
     "BlockGrid",
     "CheckpointError",
     "CompactLayer",
@@ -21,9 +24,12 @@ __all__ = [
     "SharedNetwork",
     "TaskCost",
     "TaskRecord",
+    "UnknownTaskError",
     "assign_tensor",
+    "checkpoint_tensors",
     "compact_task",
     "count_macs",
+    "head_prefixes",
     "load_shared",
     "model_cost",
     "parse_block_shape",

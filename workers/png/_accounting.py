@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._shared import PRUNABLE_TYPES, SharedLayer, SharedNetwork, TaskRecord
+from ._storage import checkpoint_tensors
 
 __all__ = ["ModelCost", "TaskCost", "count_macs", "model_cost", "task_cost"]
 
@@ -27,29 +28,43 @@ class TaskCost:
 
 @dataclass(frozen=True)
 class ModelCost:
-    """What the shared model stores against one dense model per task.
+    """What the shared model stores, against one dense model per task.
 
-    ``stored_params`` counts every owned block's weights once plus every task's task-local parameters and head;
-    ``mask_bits`` the per-block ownership and selection bits; ``stored_bytes`` both at float32.
+    * ``stored_params``: every owned block's weights once, plus every task's own tensors: its task-local parameters
+      *and buffers* (biases, normalisation with its running statistics, entropy models with their CDF tables) and
+      its head;
+    * ``mask_bits``: one bit per block for the blocks each task kept, one more for the earlier blocks it selects
+      when its selection is learned;
+    * ``stored_bytes``: the ideal sparse store of all that (each tensor at its own dtype, the mask bits packed);
+    * ``checkpoint_bytes``: the tensor data a checkpoint (:func:`save_shared`) really holds, larger: it keeps every
+      shared weight dense (free positions too), one byte per block and mask, and every task's heads;
+    * ``independent_params``: one dense model (all weights, task-local tensors, head) per task; ``dense_params``:
+      the first task's.
     """
 
     stored_params: int
     mask_bits: int
     stored_bytes: int
+    checkpoint_bytes: int
     independent_params: int
     dense_params: int
 
     def as_dict(self) -> dict[str, Any]:
+        """The figures by name (JSON-serialisable)."""
         return asdict(self)
 
 
-def _parameter_count(shared: SharedNetwork, task: str) -> tuple[int, int]:
-    """(task-local parameters, head parameters) of one task."""
+def _parameter_count(shared: SharedNetwork, task: str) -> int:
+    """Parameters of one task's own parts (task-local and head); buffers are not parameters."""
     params = dict(shared.model.named_parameters())
     local = sum(params[n].numel() for n in shared.local_names if n in params)
-    prefixes = tuple(f"{h}.{task}." for h in shared.task_heads)
-    head = sum(p.numel() for n, p in params.items() if n.startswith(prefixes))
-    return local, head
+    head = sum(params[n].numel() for n in shared.head_tensors(task) if n in params)
+    return local + head
+
+
+def _own_tensors(shared: SharedNetwork, task: str) -> list[torch.Tensor]:
+    """Every tensor stored for one task alone: its task-local parameters and buffers, and its head's."""
+    return [*shared.local_tensors(task).values(), *shared.head_tensors(task).values()]
 
 
 def _uses_per_weight(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> int:
@@ -121,37 +136,40 @@ def task_cost(shared: SharedNetwork, task: str, *inputs: Any, **kwargs: Any) -> 
         else:
             macs += _active_plane(layer, index, record) * layer.kernel_numel * count
             dense_macs += layer.weight.numel() * count
-    local, head = _parameter_count(shared, task)
-    return TaskCost(task, active_total / prunable_total, active_total + local + head, macs, dense_macs)
+    return TaskCost(task, active_total / prunable_total, active_total + _parameter_count(shared, task), macs,
+                    dense_macs)
 
 
 def _active_plane(layer: SharedLayer, index: int, record: TaskRecord) -> int:
     """Active channel pairs of a committed task, or of the task in progress under its current selection."""
-    if record.committed:
-        return int(layer.active_plane(index, record.block_shape).sum())
-    own = layer.own_plane(index, record.block_shape)
-    earlier = (layer.owner >= 0) & layer.grid(record.block_shape).expand(
-        (layer.scores.detach() > 0) if layer.scores is not None else layer.selected[index]
-    )
-    return int((own | earlier).sum())
+    return int(layer.current_plane(index, record).sum())
 
 
 def model_cost(shared: SharedNetwork) -> ModelCost:
-    """Stored parameters and mask bits of the whole shared model, and the one-dense-model-per-task baseline."""
+    """Stored parameters, mask bits and bytes of the whole shared model, and the one-dense-model-per-task baseline.
+
+    >>> net = SharedNetwork(nn.Sequential(nn.Conv2d(4, 4, 1)))   # 16 shared weights, a 4-value local bias
+    >>> net.begin_task("a", (2, 2)); net.prune(0.5); net.commit()  # a keeps 2 of its 4 blocks: 8 weights
+    >>> cost = model_cost(net)
+    >>> cost.stored_params, cost.mask_bits, cost.stored_bytes, cost.checkpoint_bytes, cost.independent_params
+    (12, 4, 49, 88, 20)
+    """
     layers = shared.shared_layers()
-    owned = sum(int((layer.owner >= 0).sum()) * layer.kernel_numel for layer in layers)
-    prunable = sum(layer.weight.numel() for layer in layers)
+    owned = sum(int(layer.owned().sum()) * layer.kernel_numel for layer in layers)
     stored = owned
-    independent = 0
-    mask_bits = 0
-    dense_params = 0
+    stored_bytes = sum(int(layer.owned().sum()) * layer.kernel_numel * layer.weight.element_size() for layer in layers)
+    prunable = sum(layer.weight.numel() for layer in layers)
+    independent = mask_bits = dense_params = 0
     for index, task in enumerate(shared.tasks):
-        local, head = _parameter_count(shared, task.name)
-        stored += local + head
-        dense = prunable + local + head
+        own = _own_tensors(shared, task.name)
+        stored += sum(t.numel() for t in own)
+        stored_bytes += sum(t.numel() * t.element_size() for t in own)
+        dense = prunable + sum(t.numel() for t in own)
         independent += dense
         dense_params = dense_params or dense
         selection_bits = index > 0 and task.reuse == "learned"
         for layer in layers:
             mask_bits += layer.grid(task.block_shape).num_blocks * (2 if selection_bits else 1)
-    return ModelCost(stored, mask_bits, 4 * stored + -(-mask_bits // 8), independent, dense_params)
+    stored_bytes += -(-mask_bits // 8)
+    checkpoint = sum(t.numel() * t.element_size() for t in checkpoint_tensors(shared).values())
+    return ModelCost(stored, mask_bits, stored_bytes, checkpoint, independent, dense_params)

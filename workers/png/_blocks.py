@@ -54,11 +54,13 @@ class BlockGrid:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """Blocks along the output and the input channels."""
         (rows, cols), (bo, bi) = self.plane, self.step
         return (-(-rows // bo), -(-cols // bi))
 
     @property
     def num_blocks(self) -> int:
+        """How many blocks the plane has."""
         return self.shape[0] * self.shape[1]
 
     def expand(self, block_values: torch.Tensor) -> torch.Tensor:

@@ -93,16 +93,19 @@ class CompactLayer(nn.Module):
 
     @property
     def computed_outputs(self) -> int:
+        """How many output channels are computed."""
         return self.out_channels if self.rows is None else len(self.rows)
 
     @property
     def read_inputs(self) -> int:
+        """How many input channels are read."""
         cols = [getattr(self, f"cols{i}") for i in range(len(self.parts))]
         if any(c is None for c in cols):
             return self.in_channels
         return len(torch.unique(torch.cat(cols)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output on ``x``: computed parts, the bias elsewhere."""
         dim = x.dim() - 1 if self.spatial == 0 else x.dim() - self.spatial - 1
         outs = []
         for index, part in enumerate(self.parts):
@@ -134,6 +137,7 @@ class CompactModel(nn.Module):
         self.plans = tuple(plans)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the compacted model for its task."""
         if self.task_arg is not None:
             kwargs[self.task_arg] = self.task
         return self.model(*args, **kwargs)

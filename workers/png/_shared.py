@@ -27,12 +27,34 @@ from torch import nn
 
 from ._blocks import BlockGrid, parse_block_shape
 
-__all__ = ["PRUNABLE_TYPES", "Reuse", "SharedLayer", "SharedNetwork", "TaskRecord"]
+__all__ = ["FREE", "PRUNABLE_TYPES", "PRUNE_SCOPES", "PruneScope", "Reuse", "SharedLayer", "SharedNetwork", "TaskRecord", "UnknownTaskError",
+           "head_prefixes"]
 
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 Reuse = Literal["learned", "all", "none"]
 REUSE_CHOICES = ("learned", "all", "none")
+# Which blocks a task's pruning releases: only its own new ones, or its own and its reused earlier ones.
+PruneScope = Literal["own", "active"]
+PRUNE_SCOPES = ("own", "active")
+# The owner of a channel pair that no task owns yet (``SharedLayer.owner`` holds task indices otherwise).
 FREE = -1
+
+
+def head_prefixes(task_heads: Sequence[str], task: str) -> tuple[str, ...]:
+    """Name prefixes of ``task``'s own part of every per-task module in ``task_heads`` (a ``ModuleDict`` by task).
+
+    >>> head_prefixes(["tails"], "x2")
+    ('tails.x2.',)
+    """
+    return tuple(f"{head}.{task}." for head in task_heads)
+
+
+class UnknownTaskError(KeyError, ValueError):
+    """A task name the shared network does not have. A ``KeyError`` (a lookup that failed) and a ``ValueError``
+    (usually a user's input), printed without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -80,6 +102,7 @@ class SharedLayer(nn.Module):
 
     # --- geometry ------------------------------------------------------------------------------------------------
     def grid(self, block_shape: tuple[int, int]) -> BlockGrid:
+        """The blocks of ``block_shape`` over this layer's channel plane."""
         return BlockGrid(self.plane, block_shape)
 
     def to_weight(self, plane: torch.Tensor) -> torch.Tensor:
@@ -98,7 +121,7 @@ class SharedLayer(nn.Module):
         """Channel pairs that committed task ``index`` computes with: its own and its selected earlier ones."""
         cached = self._active_cache.get(index)
         if cached is None:
-            earlier = (self.owner >= 0) & (self.owner < index)
+            earlier = self.owned() & (self.owner < index)
             selected = self.grid(block_shape).expand(self.selected[index]) & earlier
             cached = (self.owner == index) | selected
             self._active_cache[index] = cached
@@ -108,13 +131,51 @@ class SharedLayer(nn.Module):
         """Channel pairs the task in progress grows: free ones inside its kept blocks."""
         return self.grid(block_shape).expand(self.kept[index]) & (self.owner == FREE)
 
+    def owned(self) -> torch.Tensor:
+        """Channel pairs some committed task owns."""
+        return self.owner != FREE
+
+    def current_plane(self, index: int, task: TaskRecord) -> torch.Tensor:
+        """Channel pairs task ``index`` computes with now: :meth:`active_plane` once committed; while in progress,
+        its own plane and the earlier pairs its current selection (learned scores above 0, or fixed) picks."""
+        if task.committed:
+            return self.active_plane(index, task.block_shape)
+        chosen = (self.scores.detach() > 0) if self.scores is not None else self.selected[index]
+        earlier = self.owned() & self.grid(task.block_shape).expand(chosen)
+        return self.own_plane(index, task.block_shape) | earlier
+
+    def masks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``index``'s block masks as stored: (kept blocks, selected earlier blocks), grid shaped, bool."""
+        return self.kept[index], self.selected[index]
+
+    def restore_masks(self, tasks: Sequence[TaskRecord], masks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set every committed task's (kept, selected) masks, as :meth:`masks` gives them, and rebuild ownership:
+        each task owns its kept blocks' channel pairs that were still free when it grew."""
+        if len(tasks) != len(masks):
+            raise ValueError(f"layer {self.name!r}: {len(masks)} mask pairs for {len(tasks)} tasks")
+        device = self.owner.device
+        self.owner.fill_(FREE)
+        for index, (task, (kept, selected)) in enumerate(zip(tasks, masks)):
+            grid = self.grid(task.block_shape)
+            if tuple(kept.shape) != grid.shape or tuple(selected.shape) != grid.shape:
+                raise ValueError(f"layer {self.name!r}: task {task.name!r}'s masks are not of its {grid.shape} blocks")
+            self.kept[index], self.selected[index] = kept.bool().to(device), selected.bool().to(device)
+            self.owner[grid.expand(self.kept[index]) & (self.owner == FREE)] = index
+        self._active_cache.clear()
+
+    def map_masks(self, fn: Any) -> None:
+        """Apply ``fn`` (e.g. a device move) to every task's masks; what was cached from them is dropped."""
+        self.kept = {k: fn(v) for k, v in self.kept.items()}
+        self.selected = {k: fn(v) for k, v in self.selected.items()}
+        self._active_cache.clear()
+
     def effective_weight(self, index: int, task: TaskRecord) -> torch.Tensor:
         """The weight task ``index`` computes with; only its active blocks are non-zero."""
         if task.committed:
             return torch.where(self.to_weight(self.active_plane(index, task.block_shape)), self.weight, 0.0)
         assert self.growth is not None
         own = self.to_weight(self.own_plane(index, task.block_shape))
-        earlier = self.to_weight(self.owner >= 0)
+        earlier = self.to_weight(self.owned())
         grid = self.grid(task.block_shape)
         if self.scores is not None:
             selection = self.to_weight(grid.expand(_BinaryStep.apply(self.scores))) * earlier
@@ -125,10 +186,12 @@ class SharedLayer(nn.Module):
 
     # --- task life cycle -----------------------------------------------------------------------------------------
     def begin(self, index: int, task: TaskRecord, reinit: bool) -> None:
+        """Start task ``index``: every block kept, a growth tensor (its free positions re-initialised when
+        ``reinit``) and a selection of the earlier blocks."""
         grid = self.grid(task.block_shape)
         device = self.weight.device
         self.kept[index] = torch.ones(grid.shape, dtype=torch.bool, device=device)
-        has_earlier = grid.block_any(self.owner >= 0)
+        has_earlier = grid.block_any(self.owned())
         self.selected[index] = has_earlier & (task.reuse != "none")
         growth = self.weight.detach().clone()
         if reinit:
@@ -142,41 +205,57 @@ class SharedLayer(nn.Module):
         else:
             self.scores = None
 
-    def prune(self, index: int, task: TaskRecord, ratio: float) -> None:
-        """Release the weakest of the task's own blocks so that ``ratio`` of its candidate blocks are released."""
+    def prune(self, index: int, task: TaskRecord, ratio: float, scope: PruneScope = "own") -> None:
+        """Release the weakest blocks so that ``ratio`` of the task's candidate blocks are released.
+
+        ``scope="own"`` (PackNet, CPG): the candidates are the task's own (free) blocks. ``"active"``: every block the
+        task could compute with, its own and all earlier ones; its selected earlier blocks compete with its own by the
+        same RMS, and those that lose are deselected, so the task computes with at most ``1 - ratio`` of them, as the
+        first task does. Then later tasks free whole channels too, and compact (see :func:`compact_task`).
+        """
         assert self.growth is not None
         grid = self.grid(task.block_shape)
         free = self.owner == FREE
-        candidates = grid.block_any(free)
-        n_candidates = int(candidates.sum())
+        earlier = (self.owner >= 0) & (self.owner < index)
+        own = grid.block_any(free)
+        offered = grid.block_any(earlier) if scope == "active" else torch.zeros_like(own)
+        reused = self.selected[index] & offered
+        n_candidates = int((own | offered).sum())
         if n_candidates == 0:
             return
         n_keep = max(1, n_candidates - round(ratio * n_candidates))
-        kept = self.kept[index] & candidates
-        if int(kept.sum()) <= n_keep:
+        current = (self.kept[index] & own) | reused
+        if int(current.sum()) <= n_keep:
             return
         with torch.no_grad():
-            squares = self.from_weight(self.growth.detach().float() ** 2) * free
-            size = grid.block_sum(free.float()) * self.kernel_numel
+            positions = free | (earlier & grid.expand(reused))
+            values = torch.where(self.to_weight(free), self.growth.detach().float(), self.weight.float())
+            squares = self.from_weight(values**2) * positions
+            size = grid.block_sum(positions.float()) * self.kernel_numel
             rms = torch.sqrt(grid.block_sum(squares) / size.clamp_min(1))
-        rms = torch.where(kept, rms, torch.tensor(-1.0, device=rms.device))
+        rms = torch.where(current, rms, torch.tensor(-1.0, device=rms.device))
         order = torch.argsort(rms.flatten(), descending=True, stable=True)
-        new_kept = torch.zeros(grid.num_blocks, dtype=torch.bool, device=rms.device)
-        new_kept[order[:n_keep]] = True
-        self.kept[index] = new_kept.reshape(grid.shape)
+        top = torch.zeros(grid.num_blocks, dtype=torch.bool, device=rms.device)
+        top[order[:n_keep]] = True
+        top = top.reshape(grid.shape)
+        self.kept[index] = top & own
+        self.selected[index] = self.selected[index] & (top | ~reused)
+        self._active_cache.pop(index, None)
 
     def fix_selection(self, index: int) -> None:
+        """Binarise the learned selection of task ``index`` and stop learning it."""
         if self.scores is not None:
             self.selected[index] = (self.scores.detach() > 0) & self.selected[index]
             self.scores = None
 
     def commit(self, index: int, task: TaskRecord) -> None:
+        """Task ``index`` owns its kept free channel pairs, their weights are written, its growth dropped."""
         assert self.growth is not None
         self.fix_selection(index)
         own = self.own_plane(index, task.block_shape)
         with torch.no_grad():
             self.owner[own] = index
-            owned = self.to_weight(self.owner >= 0)
+            owned = self.to_weight(self.owned())
             self.weight.copy_(torch.where(self.to_weight(own), self.growth.detach(), self.weight) * owned)
         self.growth = None
         self._active_cache.pop(index, None)
@@ -222,25 +301,30 @@ class SharedNetwork(nn.Module):
         return any(name == h or name.startswith(h + ".") for h in self.task_heads)
 
     def task_index(self, name: str) -> int:
+        """The position of task ``name`` (an :class:`UnknownTaskError` naming the known tasks otherwise)."""
         for i, task in enumerate(self.tasks):
             if task.name == name:
                 return i
         known = ", ".join(t.name for t in self.tasks) or "none yet"
-        raise KeyError(f"unknown task {name!r} (tasks: {known})")
+        raise UnknownTaskError(f"unknown task {name!r} (tasks: {known})")
 
     @property
     def device(self) -> torch.device:
+        """Where the shared weights are."""
         return self.shared_layers()[0].weight.device
 
     @property
     def task_names(self) -> list[str]:
+        """Every task's name, in the order they were grown."""
         return [t.name for t in self.tasks]
 
     @property
     def task_in_progress(self) -> TaskRecord | None:
+        """The task begun and not yet committed, if any."""
         return self.tasks[-1] if self.tasks and not self.tasks[-1].committed else None
 
     def shared_layers(self) -> list[SharedLayer]:
+        """The shared layers in the model's module order."""
         return [self.layers[_key(n)] for n in self.layer_names]  # type: ignore[misc]
 
     def begin_task(
@@ -266,13 +350,16 @@ class SharedNetwork(nn.Module):
             layer.begin(index, task, reinit)
         self.activate(name)
 
-    def prune(self, ratio: float) -> None:
-        """Release ``ratio`` of the in-progress task's candidate blocks in every layer (weakest block RMS first)."""
+    def prune(self, ratio: float, scope: PruneScope = "own") -> None:
+        """Release ``ratio`` of the in-progress task's candidate blocks in every layer (weakest block RMS first);
+        with ``scope="active"`` its selected earlier blocks are candidates too (see :meth:`SharedLayer.prune`)."""
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"prune ratio {ratio!r} is outside [0, 1)")
+        if scope not in PRUNE_SCOPES:
+            raise ValueError(f"prune scope {scope!r} is not one of {', '.join(PRUNE_SCOPES)}")
         task = self._require_in_progress()
         for layer in self.shared_layers():
-            layer.prune(len(self.tasks) - 1, task, ratio)
+            layer.prune(len(self.tasks) - 1, task, ratio, scope)
 
     def fix_selection(self) -> None:
         """Freeze the in-progress task's learned selection of earlier blocks (binarised at 0)."""
@@ -306,9 +393,9 @@ class SharedNetwork(nn.Module):
         layers = self.shared_layers()
         weights = [layer.growth for layer in layers if layer.growth is not None]
         local = set(self.local_names)
-        head_prefixes = tuple(f"{h}.{task.name}." for h in self.task_heads)
+        prefixes = head_prefixes(self.task_heads, task.name)
         for name, param in self.model.named_parameters():
-            if name in local or name.startswith(head_prefixes):
+            if name in local or name.startswith(prefixes):
                 weights.append(param)
         selection = [layer.scores for layer in layers if layer.scores is not None]
         return {"weights": weights, "selection": selection}
@@ -345,14 +432,26 @@ class SharedNetwork(nn.Module):
                 add(layer.name, layer.effective_weight(index, task))
         for key in sorted(task.local_state):
             add(key, task.local_state[key])
-        prefixes = tuple(f"{head}.{name}." for head in self.task_heads)
-        for key, value in sorted(_named_tensors(self.model), key=lambda kv: kv[0]):
-            if key.startswith(prefixes):
-                add(key, value)
+        for key, value in sorted(self.head_tensors(name).items()):
+            add(key, value)
         return digest.hexdigest()
+
+    def head_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of task ``name``'s own part of the ``task_heads`` modules, by name."""
+        prefixes = head_prefixes(self.task_heads, name)
+        return {key: value for key, value in _named_tensors(self.model) if key.startswith(prefixes)}
+
+    def local_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Task ``name``'s task-local parameters and buffers (biases, normalisation, entropy models), by name: the
+        live ones while it is the active task in progress, else the ones it stored."""
+        index = self.task_index(name)
+        if self._active == index and not self.tasks[index].committed:
+            return self._live_local_state()
+        return dict(self.tasks[index].local_state)
 
     # --- running ---------------------------------------------------------------------------------------------------
     def forward(self, task: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model as task ``task`` (its blocks, task-local state and head)."""
         self.activate(task)
         if self.task_arg is not None:
             kwargs[self.task_arg] = task
@@ -368,6 +467,7 @@ class SharedNetwork(nn.Module):
         self._active = index
 
     def activate_none(self) -> None:
+        """Leave no task active, keeping the in-progress task's live state."""
         if self._active is not None and not self.tasks[self._active].committed:
             self.tasks[self._active].local_state = self._live_local_state()
         self._active = None
@@ -389,9 +489,7 @@ class SharedNetwork(nn.Module):
         for task in self.tasks:
             task.local_state = {k: fn(v) for k, v in task.local_state.items()}
         for layer in self.shared_layers():
-            layer.kept = {k: fn(v) for k, v in layer.kept.items()}
-            layer.selected = {k: fn(v) for k, v in layer.selected.items()}
-            layer._active_cache.clear()
+            layer.map_masks(fn)
         return self
 
 

@@ -12,9 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._shared import SharedLayer, SharedNetwork, TaskRecord, assign_tensor
+from ._shared import SharedNetwork, TaskRecord, assign_tensor
 
-__all__ = ["CheckpointError", "FORMAT", "load_shared", "read_description", "save_shared"]
+__all__ = ["CheckpointError", "FORMAT", "checkpoint_tensors", "load_shared", "read_description", "save_shared"]
 
 FORMAT = "pngrow.shared/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -35,21 +35,8 @@ def save_shared(shared: SharedNetwork, folder: str | Path, architecture: dict[st
         raise RuntimeError(f"task {shared.task_in_progress.name!r} is in progress; commit it before saving")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for layer in shared.shared_layers():
-        tensors[f"shared/{layer.name}/weight"] = layer.weight
-        for index, task in enumerate(shared.tasks):
-            tensors[f"task/{task.name}/{layer.name}/kept"] = layer.kept[index].to(torch.uint8)
-            tensors[f"task/{task.name}/{layer.name}/selected"] = layer.selected[index].to(torch.uint8)
-    for task in shared.tasks:
-        for name, value in task.local_state.items():
-            tensors[f"task/{task.name}/local/{name}"] = value
-    local = set(shared.local_names)
-    for name, value in [*shared.model.named_parameters(), *shared.model.named_buffers()]:
-        if name not in local:
-            tensors[f"head/{name}"] = value.detach()
     weights_path = folder / WEIGHTS_FILE
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights_path))
+    save_file({k: v.detach().contiguous().cpu() for k, v in checkpoint_tensors(shared).items()}, str(weights_path))
     description = {
         "format": FORMAT,
         "architecture": architecture,
@@ -61,6 +48,26 @@ def save_shared(shared: SharedNetwork, folder: str | Path, architecture: dict[st
     }
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return folder
+
+
+def checkpoint_tensors(shared: SharedNetwork) -> dict[str, torch.Tensor]:
+    """What :func:`save_shared` writes to ``weights.safetensors``, by key: every shared layer's dense weight, every
+    task's block masks (one byte per block) and task-local state, and every other tensor of the model (the heads)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in shared.shared_layers():
+        tensors[f"shared/{layer.name}/weight"] = layer.weight
+        for index, task in enumerate(shared.tasks):
+            kept, selected = layer.masks(index)
+            tensors[f"task/{task.name}/{layer.name}/kept"] = kept.to(torch.uint8)
+            tensors[f"task/{task.name}/{layer.name}/selected"] = selected.to(torch.uint8)
+    for task in shared.tasks:
+        for name, value in shared.local_tensors(task.name).items():
+            tensors[f"task/{task.name}/local/{name}"] = value
+    local = set(shared.local_names)
+    for name, value in [*shared.model.named_parameters(), *shared.model.named_buffers()]:
+        if name not in local:
+            tensors[f"head/{name}"] = value.detach()
+    return tensors
 
 
 def read_description(folder: str | Path) -> dict[str, Any]:
@@ -100,27 +107,21 @@ def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.M
     for name, value in tensors.items():
         if name.startswith("head/"):
             assign_tensor(shared.model, name[len("head/") :], value)
-    for index, spec in enumerate(description["tasks"]):
+    for spec in description["tasks"]:
         task = TaskRecord(spec["name"], tuple(spec["block_shape"]), spec["reuse"], committed=True)
         prefix = f"task/{task.name}/local/"
         task.local_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         shared.tasks.append(task)
+    try:
         for layer in shared.shared_layers():
-            layer.kept[index] = tensors[f"task/{task.name}/{layer.name}/kept"].bool()
-            layer.selected[index] = tensors[f"task/{task.name}/{layer.name}/selected"].bool()
-    for layer in shared.shared_layers():
-        layer.weight.copy_(tensors[f"shared/{layer.name}/weight"])
-        _rebuild_owner(layer, shared.tasks)
+            layer.weight.copy_(tensors[f"shared/{layer.name}/weight"])
+            layer.restore_masks(shared.tasks, [(tensors[f"task/{t.name}/{layer.name}/kept"],
+                                                tensors[f"task/{t.name}/{layer.name}/selected"]) for t in shared.tasks])
+    except KeyError as exc:
+        raise CheckpointError(f"{weights_path} lacks tensor {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{weights_path}: {exc}") from None
     return shared
-
-
-def _rebuild_owner(layer: SharedLayer, tasks: list[TaskRecord]) -> None:
-    """Ownership follows from each task's kept blocks over what was still free when it grew."""
-    layer.owner.fill_(-1)
-    for index, task in enumerate(tasks):
-        own = layer.grid(task.block_shape).expand(layer.kept[index]) & (layer.owner == -1)
-        layer.owner[own] = index
-    layer._active_cache.clear()
 
 
 def _sha256(path: Path) -> str:

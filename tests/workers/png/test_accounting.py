@@ -3,8 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pngrow.workers.png import SharedNetwork, model_cost, task_cost
-from tests.conftest import train_task
+from pngrow.workers.png import SharedNetwork, model_cost, save_shared, task_cost
 
 
 def test_macs_count_only_active_blocks_for_each_layer_kind() -> None:
@@ -29,30 +28,56 @@ def test_macs_count_only_active_blocks_for_each_layer_kind() -> None:
     assert cost.active_params == sum(active.values()) + 8 + 4 + 8  # biases are task-local
 
 
-def test_model_cost_counts_owned_blocks_once_and_every_tasks_own_parts(toy: SharedNetwork) -> None:
-    train_task(toy, "a", (4, 4), 0.5)
-    train_task(toy, "b", (2, 2), 0.5)
-    cost = model_cost(toy)
-    layers = toy.shared_layers()
-    owned = sum(int((layer.owner >= 0).sum()) * layer.kernel_numel for layer in layers)
-    prunable = sum(layer.weight.numel() for layer in layers)
-    local = sum(p.numel() for n, p in toy.model.named_parameters() if n in toy.local_names)
-    head = 7 * 2 + 2
-    assert cost.stored_params == owned + 2 * (local + head)
-    assert cost.independent_params == 2 * (prunable + local + head)
-    assert cost.dense_params == prunable + local + head
-    # Task a: one kept bit per 4x4 block; task b: kept and selection bits per 2x2 block.
-    bits_a = sum(layer.grid((4, 4)).num_blocks for layer in layers)
-    bits_b = 2 * sum(layer.grid((2, 2)).num_blocks for layer in layers)
-    assert cost.mask_bits == bits_a + bits_b
-    assert cost.stored_bytes == 4 * cost.stored_params + -(-cost.mask_bits // 8)
-    assert cost.stored_params < cost.independent_params
+class _Tiny(nn.Module):
+    """Small enough to count by hand: a 4x4 1x1 conv (16 shared weights in four 2x2 blocks), batch norm, a head per
+    task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)  # bias: 4 task-local parameters
+        self.norm = nn.BatchNorm2d(4)  # task-local: 8 parameters, 4 + 4 running statistics and 1 int64 counter
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in ("a", "b")})  # 5 parameters a task
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.heads[task](self.norm(self.conv(x)).mean((2, 3)))
 
 
-def test_density_of_a_reusing_task_includes_its_selection(toy: SharedNetwork, toy_input: torch.Tensor) -> None:
-    train_task(toy, "a", (4, 4), 0.5)
-    train_task(toy, "b", (4, 4), 0.0, reuse="all")
-    cost_b = task_cost(toy, "b", toy_input, )
-    assert cost_b.density == 1.0 - sum(
-        int((layer.owner == -1).sum()) * layer.kernel_numel for layer in toy.shared_layers()
-    ) / sum(layer.weight.numel() for layer in toy.shared_layers())
+def _tiny(reuse_b: str = "learned") -> SharedNetwork:
+    """Task a keeps 2 of the 4 blocks (8 weights); task b grows into the other 2 and keeps 1 (4 weights)."""
+    shared = SharedNetwork(_Tiny(), task_heads=["heads"], task_arg="task")
+    for task, reuse in (("a", "learned"), ("b", reuse_b)):
+        shared.begin_task(task, (2, 2), reuse)  # type: ignore[arg-type]
+        shared.prune(0.5)
+        shared.commit()
+    return shared
+
+
+def test_model_cost_counts_every_stored_tensor_by_hand() -> None:
+    cost = model_cost(_tiny())
+    # Owned weights 8 + 4; per task 4 + 8 local parameters, 9 local buffers, 5 head parameters.
+    assert cost.stored_params == 12 + 2 * (12 + 9 + 5) == 64
+    assert cost.dense_params == 16 + 12 + 9 + 5 == 42
+    assert cost.independent_params == 2 * 42
+    assert cost.mask_bits == 4 + 4 * 2  # a: a kept bit per block; b: kept and selected bits per block
+    # float32 everywhere but BatchNorm's int64 counter; 12 mask bits take 2 bytes.
+    assert cost.stored_bytes == 12 * 4 + 2 * (20 * 4 + 8 + 5 * 4) + 2 == 266
+    # The checkpoint: the dense 4x4 weight, one byte per block for kept and selected masks of both tasks, both
+    # tasks' local state, and both heads.
+    assert cost.checkpoint_bytes == 16 * 4 + 2 * 2 * 4 + 2 * (20 * 4 + 8) + 2 * 5 * 4 == 296
+
+
+def test_checkpoint_bytes_are_the_saved_tensor_data(tmp_path) -> None:  # noqa: ANN001
+    shared = _tiny()
+    save_shared(shared, tmp_path, {})
+    header = (tmp_path / "weights.safetensors").stat().st_size - model_cost(shared).checkpoint_bytes
+    assert 0 < header < 4096  # what is left is safetensors' JSON header
+
+
+def test_task_cost_of_a_reusing_task_by_hand() -> None:
+    shared = _tiny(reuse_b="all")
+    x = torch.randn(1, 4, 3, 3)
+    a, b = task_cost(shared, "a", x), task_cost(shared, "b", x)
+    assert (a.density, b.density) == (8 / 16, (4 + 8) / 16)
+    assert (a.active_params, b.active_params) == (8 + 12 + 5, 12 + 12 + 5)  # parameters only, no buffers
+    assert (a.macs, b.macs) == (8 * 9 + 4, 12 * 9 + 4)  # shared layer at 3x3 positions, then the head
+    assert a.dense_macs == b.dense_macs == 16 * 9 + 4

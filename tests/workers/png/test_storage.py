@@ -96,3 +96,19 @@ def test_a_planted_pickle_is_refused_and_never_run(toy, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="weights.safetensors is not a safetensors file"):
         load_shared(folder, lambda arch: ToyNet())
     assert not marker.exists()
+
+
+def test_masks_that_do_not_fit_the_layer_are_refused(toy, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_shared(_trained(toy), tmp_path, {})
+    tensors = load_file(str(tmp_path / "weights.safetensors"))
+    tensors["task/b/grouped/kept"] = torch.ones(1, 1, dtype=torch.uint8)
+    save_file(tensors, str(tmp_path / "weights.safetensors"))
+    description = json.loads((tmp_path / "model.json").read_text())
+    import hashlib
+
+    description["sha256"] = hashlib.sha256((tmp_path / "weights.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="task 'b''s masks are not of its"):
+        load_shared(tmp_path, lambda arch: ToyNet())

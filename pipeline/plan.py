@@ -1,0 +1,156 @@
+"""A search's plan: its config checked against the family, search space, objectives, rule and data before any
+service starts (:func:`prepare`), and the context every part of a running search shares (:class:`SearchContext`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import ConfigError
+from ..search_spaces import SearchSpace, load_search_space
+from ..workers.data import check_folder
+from ..workers.models import Family, get_family
+from ..workers.png import parse_block_shape
+from .config import SearchConfig, redact
+from .study import RULES
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .tracking import Tracking
+
+__all__ = ["Base", "Log", "Plan", "SearchContext", "prepare"]
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Base:
+    """A released model the search grows into: its checkpoint, version label and tasks' fingerprints."""
+
+    folder: Path
+    label: str
+    fingerprints: dict[str, str]
+    source_run: str  # the run the registered version came from; empty for a folder
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked search: its config, the family with every task (the base model's first), the space, objectives."""
+
+    config: SearchConfig
+    family: Family
+    space: SearchSpace
+    quality: str
+    maximize: bool
+    base: Base | None = None
+
+    @property
+    def quality_direction(self) -> str:
+        return "maximize" if self.maximize else "minimize"
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every part of a running search works with: its plan, MLflow, Ray, the search run and the log."""
+
+    plan: Plan
+    tracking: Tracking
+    cluster: Cluster
+    search_id: str
+    log: Log
+
+    @property
+    def config(self) -> SearchConfig:
+        return self.plan.config
+
+    @property
+    def storage(self) -> str:
+        """The Optuna storage, password redacted, for messages."""
+        return redact(self.config.resolved_optuna_storage()) or ""
+
+    @property
+    def parallel(self) -> int:
+        """How many trials run at once."""
+        return min(self.config.parallel_trials, self.cluster.slots)
+
+
+def prepare(config: SearchConfig, scratch: Path | None = None) -> Plan:
+    """Check that the config's family, tasks, space, objectives and rule fit together, before any service starts.
+
+    With ``config.base_model``, the base is fetched into ``scratch`` and the family covers its tasks too.
+    """
+    family = get_family(config.family, config.tasks, **config.arch)
+    base = None
+    if config.base_model:
+        if scratch is None:
+            raise ValueError("growing a base model needs a scratch folder to fetch it into")
+        base, family = _resolve_base(config, scratch)
+    space = load_search_space(config.search_space or config.family)
+    if space.family != family.name:
+        raise ConfigError(f"search space {space.name!r} is for family {space.family!r}, not {family.name!r}")
+    quality = config.quality or family.quality_metric
+    if quality not in family.metric_directions:
+        raise ConfigError(f"quality objective {quality!r} is not one of {family.name}'s metrics: "
+                          f"{', '.join(family.metric_directions)}")
+    if config.rule not in RULES:
+        raise ConfigError(f"selection rule {config.rule!r} is not one of {', '.join(sorted(RULES))}")
+    _check_block_shapes(family, space)
+    _check_files(config)
+    if config.measures_latency:
+        try:
+            family.latency_inputs(config.latency_size or None)
+        except ValueError as exc:
+            raise ConfigError(f"objectives latency: {exc}") from None
+    return Plan(config, family, space, quality, family.metric_directions[quality] == "maximize", base)
+
+
+def _check_files(config: SearchConfig) -> None:
+    """The local data folders hold readable images and the init weights exist."""
+    for name, source in (("train", config.train_data), ("eval", config.eval_data)):
+        if source and "://" not in source:
+            try:
+                check_folder(source)
+            except ValueError as exc:
+                raise ConfigError(f"data {name}: {exc}") from None
+    if config.init and not Path(config.init).is_file():
+        raise ConfigError(f"init weights {config.init!r} do not exist")
+
+
+def _resolve_base(config: SearchConfig, scratch: Path) -> tuple[Base, Family]:
+    """The base model fetched into ``scratch``, and the family of its tasks followed by the config's."""
+    from ..workers.models import load_model
+    from .api import resolve_checkpoint
+    from .tracking import Tracking
+
+    folder, label = resolve_checkpoint(config.base_model or "", scratch, config.resolved_tracking_uri())
+    base_family, shared = load_model(folder)
+    if config.family != base_family.name:
+        raise ConfigError(f"base model {config.base_model!r} is a {base_family.name} model, not {config.family}")
+    clash = sorted(set(config.tasks) & set(shared.task_names))
+    if clash:
+        raise ConfigError(f"task {clash[0]!r} is already in base model {config.base_model!r}")
+    source_run = ""
+    if label.startswith("models:/"):
+        name, _, version = label.removeprefix("models:/").partition("/")
+        source_run = Tracking(config.resolved_tracking_uri()).model_version(name, version).run_id or ""
+    family = get_family(base_family.name, shared.task_names + config.tasks, **base_family.arch)
+    return Base(folder, label, {t: shared.fingerprint(t) for t in shared.task_names}, source_run), family
+
+
+def _check_block_shapes(family: Family, space: SearchSpace) -> None:
+    """Every block shape the space can pick splits some shared layer into at least 2 blocks, so pruning can free one.
+    A layer that one block covers (an RGB output layer under rows of 8 channels, say) is kept whole."""
+    if "block_shape" in space.parameters:
+        shapes = list(space.parameters["block_shape"].choices)
+    else:
+        shapes = [space.settings({}, seed=0).block_shape]
+    layers = family.wrap(family.build_model()).shared_layers()
+    for shape in shapes:
+        parsed = parse_block_shape(shape)
+        if all(layer.grid(parsed).num_blocks < 2 for layer in layers):
+            first = layers[0]
+            raise ConfigError(f"block shape {'x'.join(map(str, parsed))} does not fit the {family.name} model: every "
+                              f"shared layer would be one block (e.g. {first.name!r}, {first.plane[0]}x"
+                              f"{first.plane[1]} channels), which pruning cannot split")

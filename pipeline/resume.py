@@ -1,0 +1,96 @@
+"""Resuming a search whose driver died, from what its MLflow runs and Optuna study recorded: the config, the stages
+already committed, and the current stage's trials (finished ones kept, cut-off ones closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import optuna
+from mlflow.entities import Run
+
+from ..errors import ConfigError
+from . import names
+from .config import RayOptions, SearchConfig, redact
+from .names import Kind
+from .plan import SearchContext
+from .results import StageSummary
+from .tracking import Tracking
+from .trial import TrialOutcome
+
+__all__ = ["CONFIG_ARTIFACT", "earlier_runs", "finished_stage", "recorded_config", "recover_trials"]
+
+CONFIG_ARTIFACT = "search_config.json"  # the search run's config, passwords redacted
+
+
+def recorded_config(tracking: Tracking, search_id: str, optuna_storage: str | None = None,
+                    ray_address: str | None = None) -> SearchConfig:
+    """The config search ``search_id`` ran with, pointed at ``tracking``; ``optuna_storage`` must be given again
+    when the recorded one had a password, ``ray_address`` replaces the recorded cluster."""
+    try:
+        run = tracking.run(search_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
+        raise ConfigError(f"search {search_id!r} does not exist at {redact(tracking.uri)!r}") from None
+    if run.data.tags.get(names.KIND) != Kind.SEARCH:
+        raise ConfigError(f"run {search_id!r} is not a pngrow search")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"search {search_id!r} has finished; there is nothing to resume")
+    recorded = tracking.load_dict(search_id, CONFIG_ARTIFACT)
+    recorded.pop("search_space_resolved", None)
+    ray = RayOptions(**{**recorded.pop("ray"), **({"address": ray_address} if ray_address else {})})
+    config = SearchConfig(**{**recorded, "ray": ray, "tracking_uri": tracking.uri,
+                             "optuna_storage": optuna_storage or recorded["optuna_storage"]})
+    if "***" in (config.optuna_storage or ""):
+        raise ConfigError(f"search {search_id!r} used an Optuna storage with a password, which is not recorded: "
+                          "give it again with --optuna-storage")
+    return replace(config, experiment=tracking.experiment_name(run.info.experiment_id))
+
+
+def earlier_runs(tracking: Tracking, search_id: str) -> tuple[str | None, dict[int, Run]]:
+    """The base run's id (None without one) and the stage runs by stage index that a dead attempt left."""
+    search = tracking.run(search_id)
+    base = None
+    for run in tracking.children(search, Kind.BASE):
+        base = run.info.run_id
+    return base, {int(run.data.tags[names.STAGE_INDEX]): run for run in tracking.children(search, Kind.STAGE)}
+
+
+def finished_stage(tracking: Tracking, stage: Run) -> StageSummary:
+    """The summary of a stage committed before the restart, from its runs."""
+    trials = tracking.children(stage, Kind.TRIAL)
+    chosen = tracking.run(stage.data.tags[names.CHOSEN_TRIAL_RUN])
+    return StageSummary(stage.data.tags[names.TASK], stage.info.run_id, stage.data.tags[names.OPTUNA_STUDY],
+                        TrialOutcome.from_run(chosen), sum(t.info.status == "FINISHED" for t in trials),
+                        sum(t.info.status == "FAILED" for t in trials))
+
+
+def recover_trials(ctx: SearchContext, study: optuna.Study, stage_run: str) -> tuple[dict[int, TrialOutcome], int]:
+    """Keep the finished trials of a stage a dead driver left (also those whose worker finished after the driver
+    died: their run holds the outcome); close the unfinished ones as KILLED (MLflow) and FAIL (Optuna).
+    Returns the finished outcomes by Optuna trial number and the count of trials that failed."""
+    outcomes: dict[int, TrialOutcome] = {}
+    failed = 0
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    for run in ctx.tracking.children(ctx.tracking.run(stage_run), Kind.TRIAL):
+        number = int(run.data.tags[names.OPTUNA_TRIAL])
+        running = states.get(number) == optuna.trial.TrialState.RUNNING
+        if run.info.status in ("FINISHED", "RUNNING") and TrialOutcome.recorded(run):
+            outcome = outcomes[number] = TrialOutcome.from_run(run)
+            if running:
+                study.tell(number, outcome.objective_values(ctx.plan.quality, ctx.config.costs))
+            if run.info.status == "RUNNING":
+                ctx.tracking.end_run(run.info.run_id)
+        elif run.info.status == "FAILED":
+            failed += 1
+        else:
+            _close(ctx, study, run, number, running)
+    return outcomes, failed
+
+
+def _close(ctx: SearchContext, study: optuna.Study, run: Run, number: int, running: bool) -> None:
+    """Close a trial the restart cut off: KILLED in MLflow, FAIL in Optuna."""
+    ctx.tracking.log(run.info.run_id, tags={names.ERROR: "its driver died; the search was resumed without it"})
+    ctx.tracking.end_run(run.info.run_id, "KILLED")
+    if running:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    ctx.log(f"trial run {run.info.run_id} (Optuna trial {number}) was cut off by the restart: KILLED")

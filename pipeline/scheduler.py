@@ -1,0 +1,169 @@
+"""One stage of a search: its task's Optuna study, whose trials run on Ray workers a few at a time, then the choice
+of one finished trial, whose checkpoint the stage's run keeps for the next stage to grow from.
+
+:func:`run_study` is the entry point; a trial itself is :func:`pngrow.pipeline.trial.run_trial` on a worker.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import optuna
+
+from .._progress import progress_bar
+from ..errors import SearchError, ServiceError, failure_line
+from . import names
+from .names import Kind
+from .plan import SearchContext
+from .results import StageSummary
+from .resume import recover_trials
+from .study import Candidate, distributions, open_study, pareto_front, retrying, select
+from .trial import TrialOutcome, TrialSpec, run_trial
+
+__all__ = ["run_study"]
+
+
+def run_study(ctx: SearchContext, index: int, parent: str | None, resumed_run: str | None = None) -> StageSummary:
+    """Run the study of task ``index`` (every trial grows from ``parent``'s checkpoint; None: from scratch), choose a
+    trial and commit it to the stage's run. ``resumed_run``: the stage run a dead driver left, whose finished
+    trials are kept."""
+    task = ctx.plan.family.tasks[index]
+    study_name = f"pngrow-{ctx.search_id}-{index}-{task}"
+    study = retrying(lambda: open_study(ctx.config.resolved_optuna_storage(), study_name, ctx.plan.quality,
+                                        ctx.plan.quality_direction, ctx.config.costs, ctx.config.seed + index),
+                     ctx.storage)
+    lineage = {names.SEARCH_ID: ctx.search_id, names.TASK: task, names.STAGE_INDEX: index,
+               names.TASK_ORDER: ",".join(ctx.plan.family.tasks[: index + 1]), names.GROWN_FROM_RUN: parent or "",
+               names.OPTUNA_STUDY: study_name}
+    outcomes: dict[int, TrialOutcome] = {}
+    failed = 0
+    if resumed_run is None:
+        stage_run = ctx.tracking.start_run(f"stage {index + 1}: {task}", {names.KIND: Kind.STAGE, **lineage},
+                                           parent=ctx.search_id)
+    else:
+        stage_run = resumed_run
+        ctx.tracking.reopen_run(stage_run)
+        outcomes, failed = recover_trials(ctx, study, stage_run)
+        ctx.log(f"[{task}] resuming the stage: {len(outcomes)} trials finished before the restart are kept, "
+                f"{failed} failed")
+    try:
+        summary = _StudyRun(ctx, study, stage_run, index, parent, lineage, outcomes, failed).run()
+    except BaseException:
+        ctx.tracking.end_run(stage_run, "FAILED")
+        raise
+    _commit(ctx, summary)
+    return summary
+
+
+def _commit(ctx: SearchContext, summary: StageSummary) -> None:
+    """Copy the chosen trial's checkpoint, settings and figures to the stage run, and end it."""
+    chosen, tracking = summary.chosen, ctx.tracking
+    tracking.copy_checkpoint(chosen.run_id, summary.run_id)
+    tracking.log(summary.run_id, params=tracking.run(chosen.run_id).data.params,
+                 metrics={**chosen.metric_record(timings=False), "trials_finished": summary.finished,
+                          "trials_failed": summary.failed, "pareto_front_size": len(summary.front)},
+                 tags={names.CHOSEN_TRIAL_RUN: chosen.run_id})
+    tracking.end_run(summary.run_id)
+    ctx.log(f"[{summary.task}] chose trial run {chosen.run_id} by {ctx.config.rule}: {ctx.plan.quality}="
+            f"{chosen.metrics[ctx.plan.quality]:.4g} {ctx.config.cost}={chosen.cost(ctx.config.cost):.4g}")
+
+
+class _StudyRun:
+    """A stage's study while its trials run: the ones in flight, the finished outcomes, the failures."""
+
+    def __init__(self, ctx: SearchContext, study: optuna.Study, stage_run: str, index: int, parent: str | None,
+                 lineage: dict[str, Any], outcomes: dict[int, TrialOutcome], failed: int) -> None:
+        self.ctx, self.study, self.stage_run, self.index, self.parent = ctx, study, stage_run, index, parent
+        self.task = ctx.plan.family.tasks[index]
+        self.lineage = lineage
+        self.outcomes = outcomes
+        self.failed = failed
+        self.asked = len(outcomes) + failed
+        self.pending: dict[Any, tuple[optuna.Trial, str]] = {}
+        self.intervals: list[tuple[float, float]] = []
+        self.last_error = f"see the trial runs' {names.ERROR} tags"
+
+    def run(self) -> StageSummary:
+        """Ask, run and tell trials until the stage's budget is spent; then choose one."""
+        total = self.ctx.config.trials_per_stage
+        self._retrying(lambda: self.study.enqueue_trial(self.ctx.plan.space.defaults(), skip_if_exists=True))
+        dists = distributions(self.ctx.plan.space)
+        with progress_bar(total, "trials", f"stage {self.task}", initial=self.asked) as bar:
+            while self.asked < total or self.pending:
+                while self.asked < total and len(self.pending) < self.ctx.parallel:
+                    self._submit(self._retrying(lambda: self.study.ask(dists)))
+                ref = self.ctx.cluster.wait_one(list(self.pending))
+                bar.update(1)
+                self._collect(ref)
+        return self._choose()
+
+    def _retrying(self, call: Any) -> Any:
+        return retrying(call, self.ctx.storage)
+
+    def _submit(self, trial: optuna.Trial) -> None:
+        """Start the trial's run and send the trial to a worker."""
+        ctx, config, family = self.ctx, self.ctx.config, self.ctx.plan.family
+        self.asked += 1
+        settings = asdict(ctx.plan.space.settings(trial.params, seed=config.seed + self.index))
+        run_id = ctx.tracking.start_run(f"{self.task} trial {trial.number}",
+                                        {names.KIND: Kind.TRIAL, **self.lineage, names.OPTUNA_TRIAL: trial.number},
+                                        parent=self.stage_run)
+        self._retrying(lambda: trial.set_user_attr("mlflow_run_id", run_id))
+        spec = TrialSpec(ctx.tracking.uri, run_id, family.name, family.tasks, family.arch, self.task, self.parent,
+                         settings, config.train_data, config.eval_data, config.eval_limit,
+                         config.init if self.parent is None else None, config.ray.cpus_per_trial, ctx.cluster.device,
+                         config.latency_rounds if config.measures_latency else 0, config.latency_size or None)
+        self.pending[ctx.cluster.submit(run_trial, spec)] = (trial, run_id)
+
+    def _collect(self, ref: Any) -> None:
+        """Tell the study how a trial that came back did, and end its run."""
+        trial, run_id = self.pending.pop(ref)
+        try:
+            outcome: TrialOutcome = self.ctx.cluster.result(ref)
+        except ServiceError:  # the tracking server or artifact store is gone: no later trial could log either
+            raise
+        except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
+            self._failed(trial, run_id, exc)
+            return
+        plan = self.ctx.plan
+        self.outcomes[trial.number] = outcome
+        self.intervals.append((outcome.train_started, outcome.train_ended))
+        self._retrying(lambda: self.study.tell(trial, outcome.objective_values(plan.quality, self.ctx.config.costs)))
+        self.ctx.tracking.end_run(run_id)
+        self.ctx.log(f"[{self.task}] trial {trial.number} ({len(self.outcomes) + self.failed}/"
+                     f"{self.ctx.config.trials_per_stage}) {_describe(trial.params)}: "
+                     f"{plan.quality}={outcome.metrics[plan.quality]:.4g} density={outcome.density:.3f}"
+                     + (f" {outcome.speedup:.2f}x faster compacted" if math.isfinite(outcome.latency_ms) else "")
+                     + f" in {outcome.trial_seconds:.1f} s")
+
+    def _failed(self, trial: optuna.Trial, run_id: str, exc: Exception) -> None:
+        self.failed += 1
+        self.last_error = failure_line(exc)
+        self._retrying(lambda: self.study.tell(trial, state=optuna.trial.TrialState.FAIL))
+        self.ctx.tracking.log(run_id, tags={names.ERROR: failure_line(exc, 5000)})
+        self.ctx.tracking.end_run(run_id, "FAILED")
+        self.ctx.log(f"[{self.task}] trial {trial.number} failed: {self.last_error}")
+
+    def _choose(self) -> StageSummary:
+        """The stage's summary, with the trial the selection rule picks from the finished ones."""
+        plan, config = self.ctx.plan, self.ctx.config
+        candidates = [Candidate(n, o.metrics[plan.quality], o.cost(config.cost), o.run_id, o.latency_ms)
+                      for n, o in self.outcomes.items()]
+        try:
+            chosen = select(config.rule, candidates, plan.maximize, config.tolerance)
+        except ValueError as exc:
+            raise SearchError(f"stage {self.index + 1} ({self.task}): {exc}; every trial failed, the last with "
+                              f"{self.last_error}") from None
+        return StageSummary(self.task, self.stage_run, self.study.study_name, self.outcomes[chosen.number],
+                            len(self.outcomes), self.failed, pareto_front(candidates, plan.maximize), self.intervals)
+
+
+def _describe(params: dict[str, Any]) -> str:
+    """Trial parameters for a log line.
+
+    >>> _describe({"lr": 0.00123456, "block_shape": "4x4"})
+    'lr=0.00123 block_shape=4x4'
+    """
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -1,0 +1,129 @@
+"""`pngrow eval`: CompressAI's results format read by CompressAI's own plot tool; BasicSR-style SR figures on
+HR-only and paired folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from pngrow import load_shared_model
+from pngrow.pipeline.cli import main
+from pngrow.pipeline.evaluate import CODEC_KEYS
+from pngrow.workers.models.nic import lambda_of
+from pngrow.workers.models.sisr import bicubic_downscale
+
+TINY = ["--grow-steps", "2", "--prune-steps", "2", "--finetune-steps", "1", "--batch-size", "2", "--eval-limit", "1",
+        "--quiet"]
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "compressai-kodak"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    assert main(["run", "--family", "nic", "--tasks", "q6,q2,q4", "--arch", "N=16", "--arch", "M=16", "--arch",
+                 "patch=64", "--out", str(root / "nic"), *TINY]) == 0
+    assert main(["run", "--family", "sisr", "--tasks", "x2,x3", "--arch", "width=8", "--arch", "depth=1", "--arch",
+                 "lr_patch=8", "--out", str(root / "sisr"), *TINY]) == 0
+    return {"nic": root / "nic", "sisr": root / "sisr"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skimage.data.astronaut()[:130, :150]).save(folder / "astronaut.png")
+    Image.fromarray(skimage.data.chelsea()[:100, :120]).save(folder / "chelsea.png")
+    return folder
+
+
+def test_codec_results_are_compressai_eval_model_json_in_rate_order(models, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pngrow-nic.json"
+    assert main(["eval", str(models["nic"]), "--data", str(photos), "--json", str(out), "--name", "pngrow-tiny"]) == 0
+    document = json.loads(out.read_text())
+    assert document["name"] == "pngrow-tiny" and "description" in document
+    assert list(document["results"]) == list(CODEC_KEYS)
+    assert document["tasks"] == ["q2", "q4", "q6"]  # trained q6, q2, q4: written in rate order
+    assert all(len(values) == 3 for values in document["results"].values())
+    # Each entry is the mean over the images of what the pngrow bitstream gives, measured here independently.
+    model = load_shared_model(str(models["nic"]), progress=False)
+    bpp = []
+    for name in ("astronaut.png", "chelsea.png"):
+        image = np.array(Image.open(photos / name))
+        bpp.append(len(model.compress(image, "q4")) * 8 / (image.shape[0] * image.shape[1]))
+    assert document["results"]["bpp"][1] == pytest.approx(np.mean(bpp))
+    assert sorted(lambda_of(t) for t in document["tasks"]) == [lambda_of(t) for t in document["tasks"]]
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="needs ../shared/reference (CompressAI's published results)")
+def test_compressai_plot_draws_pngrow_beside_the_published_curves(models, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pngrow.json"
+    assert main(["eval", str(models["nic"]), "--data", str(photos), "--json", str(out)]) == 0
+    picture = tmp_path / "rd.png"
+    done = subprocess.run([sys.executable, "-m", "compressai.utils.plot", "-f", str(out),
+                           str(REFERENCE / "compressai-bmshj2018-hyperprior_mse_cpu.json"),
+                           str(REFERENCE / "bmshj2018-hyperprior-vbr-ans.json"), "-o", str(picture)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert picture.stat().st_size > 10_000
+    assert Image.open(picture).size[0] > 1000  # CompressAI saves at 300 dpi
+
+
+def _paired_folder(root: Path) -> Path:
+    for name, image in (("baby", skimage.data.astronaut()[:96, :120]), ("bird", skimage.data.coffee()[:90, :120])):
+        (root / "HR").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "HR" / f"{name}.png")
+        for scale in (2, 3):
+            folder = root / "LR_bicubic" / f"X{scale}"
+            folder.mkdir(parents=True, exist_ok=True)
+            # A different LR than the one made on the fly (nearest-neighbour), so the two protocols must differ.
+            Image.fromarray(image[::scale, ::scale][: image.shape[0] // scale, : image.shape[1] // scale]).save(
+                folder / f"{name}x{scale}.png")
+    return root
+
+
+def test_sr_figures_per_scale_on_hr_only_and_on_paired_folders(models, tmp_path: Path) -> None:
+    paired = _paired_folder(tmp_path / "paired")
+    hr_only = tmp_path / "hr"
+    hr_only.mkdir()
+    for file in (paired / "HR").iterdir():
+        (hr_only / file.name).write_bytes(file.read_bytes())
+    documents = {}
+    for label, folder in (("paired", paired), ("hr", hr_only)):
+        out = tmp_path / f"{label}.json"
+        assert main(["eval", str(models["sisr"]), "--data", str(folder), "--json", str(out)]) == 0
+        documents[label] = json.loads(out.read_text())
+    assert documents["paired"]["protocol"] == "paired LR_bicubic (x2,x3)"
+    assert documents["hr"]["protocol"].startswith("bicubic on the fly")
+    for label in documents:
+        results = documents[label]["results"]
+        assert sorted(results) == ["x2", "x3"] and results["x3"]["scale"] == 3
+        assert 0 < results["x2"]["ssim_y"] <= 1 and results["x2"]["psnr_y"] > 10
+    assert documents["paired"]["results"]["x2"]["psnr_y"] != documents["hr"]["results"]["x2"]["psnr_y"]
+    # The HR-only figure is the model's PSNR-Y on LR made by the family's bicubic, computed here independently.
+    model = load_shared_model(str(models["sisr"]), progress=False)
+    values = []
+    for name in ("baby.png", "bird.png"):
+        hr = torch.from_numpy(np.array(Image.open(hr_only / name))).permute(2, 0, 1)[None].float().div(255)
+        hr = hr[..., : hr.shape[2] // 2 * 2, : hr.shape[3] // 2 * 2]
+        lr = (bicubic_downscale(hr, 2)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        sr = torch.from_numpy(model.upscale(lr, "x2")).permute(2, 0, 1)[None].float().div(255)
+        y = lambda t: (t * torch.tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1)).sum(1) + 16  # noqa: E731
+        diff = (y(sr) - y(hr))[..., 2:-2, 2:-2]
+        values.append(10 * np.log10(255**2 / float(diff.pow(2).mean())))
+    assert documents["hr"]["results"]["x2"]["psnr_y"] == pytest.approx(np.mean(values), abs=1e-3)
+
+
+def test_eval_errors_name_the_bad_value(models, tmp_path: Path, capsys) -> None:
+    assert main(["eval", str(models["nic"]), "--data", str(tmp_path / "missing"), "--json", str(tmp_path / "o")]) == 2
+    assert "missing" in capsys.readouterr().err
+    folder = _paired_folder(tmp_path / "broken")
+    (folder / "LR_bicubic" / "X3" / "birdx3.png").unlink()
+    assert main(["eval", str(models["sisr"]), "--data", str(folder), "--json", str(tmp_path / "o.json")]) == 2
+    assert "birdx3.png" in capsys.readouterr().err
