@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 
 from ..workers import restoration
 from ..workers.models import Codec, Family, Upscaler, load_model
-from ..workers.png import CheckpointError, SharedNetwork, read_description
+from ..workers.png import CheckpointError, CompactNetwork, SharedNetwork, read_description
 
 __all__ = ["RestorationModel", "check_device", "is_mlflow_uri", "load_shared_model", "resolve_checkpoint"]
 
@@ -69,14 +69,34 @@ def _array(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).contiguous().numpy()
 
 
+# Side of the random input each task's compacted model is checked on against the masked model when first used.
+_CHECK_SIZE = 64
+
+
 @dataclass
 class RestorationModel:
-    """A shared model and where it came from (``version``: ``models:/NAME/N``, a run or a folder)."""
+    """A shared model and where it came from (``version``: ``models:/NAME/N``, a run or a folder).
+
+    Images are restored by each task's compacted model (:class:`~pngrow.workers.png.CompactNetwork`: only the
+    channels the task's blocks use, built on a task's first use, checked against the masked model, then cached);
+    ``compacted=False`` runs the masked shared network instead.
+    """
 
     family: Family
     shared: SharedNetwork
     version: str
     progress: bool = True  # progress bars over tiles, shown only on a terminal
+    compacted: bool = True
+    _network: CompactNetwork | None = field(default=None, init=False, repr=False)
+
+    @property
+    def network(self) -> CompactNetwork | SharedNetwork:
+        """What restores images: the compacted tasks, or the masked shared network."""
+        if not self.compacted:
+            return self.shared
+        if self._network is None:
+            self._network = CompactNetwork(self.shared, lambda task: self.family.latency_inputs(_CHECK_SIZE))
+        return self._network
 
     @property
     def tasks(self) -> list[str]:
@@ -98,21 +118,21 @@ class RestorationModel:
         x = _tensor(image)
         count = restoration.tile_count(x.shape[1], x.shape[2], tile)
         with self._bar(count, "tiles") as bar:
-            return _array(restoration.upscale(self.family, self.shared, task, x, tile, bar.update))
+            return _array(restoration.upscale(self.family, self.network, task, x, tile, bar.update))
 
     def compress(self, image: Any, task: str, tile: int | None = None) -> bytes:
         """The pngrow bitstream of an H x W x 3 uint8 image at NIC ``task``'s rate."""
         x = _tensor(image)
         count = restoration.tile_count(x.shape[1], x.shape[2], tile)
         with self._bar(count, "tiles") as bar:
-            return restoration.encode(self.family, self.shared, task, x, self.version, tile, bar.update)
+            return restoration.encode(self.family, self.network, task, x, self.version, tile, bar.update)
 
     def decompress(self, data: bytes) -> np.ndarray:
         """The image of a pngrow bitstream (its task is read from the header)."""
         header = restoration.read_header(data)
         count = restoration.tile_count(header["height"], header["width"], header["tile"])
         with self._bar(count, "tiles") as bar:
-            return _array(restoration.decode(self.family, self.shared, data, bar.update)[1])
+            return _array(restoration.decode(self.family, self.network, data, bar.update)[1])
 
     def restore(self, image: Any, task: str) -> np.ndarray:
         """What ``task`` makes of the image: upscaled (SISR) or coded and decoded (NIC)."""
@@ -156,12 +176,13 @@ def resolve_checkpoint(uri: str, dest: str | Path, tracking_uri: str | None = No
 
 
 def load_shared_model(uri: str, tracking_uri: str | None = None, device: str = "cpu",
-                      progress: bool = True) -> RestorationModel:
+                      progress: bool = True, compacted: bool = True) -> RestorationModel:
     """Load a shared model from a folder or MLflow (see :func:`resolve_checkpoint`) for restoring images on
-    ``device`` (a ``ValueError`` naming it where this machine lacks it)."""
+    ``device`` (a ``ValueError`` naming it where this machine lacks it), by each task's compacted model unless
+    ``compacted=False`` (see :class:`RestorationModel`)."""
     check_device(device)
     with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
         folder, version = resolve_checkpoint(uri, tmp, tracking_uri)
         family, shared = load_model(folder)
     shared.to(device).eval()
-    return RestorationModel(family, shared, version, progress)
+    return RestorationModel(family, shared, version, progress, compacted)

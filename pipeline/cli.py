@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -248,7 +249,10 @@ def _search_summary(result: Any) -> dict[str, Any]:
         "utilisation": result.utilisation, "trials": result.trials,
         "stages": [{"task": s.task, "run_id": s.run_id, "chosen_trial_run": s.chosen.run_id, "finished": s.finished,
                     "failed": s.failed, "metrics": s.chosen.metrics, "density": s.chosen.density,
-                    "stored_params": s.chosen.stored_params} for s in result.stages],
+                    "stored_params": s.chosen.stored_params,
+                    **({"latency_ms": s.chosen.latency_ms, "dense_latency_ms": s.chosen.dense_latency_ms,
+                        "speedup": s.chosen.speedup} if math.isfinite(s.chosen.latency_ms) else {})}
+                   for s in result.stages],
         "final_metrics": result.final_metrics,
     }
 

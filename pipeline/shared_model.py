@@ -193,16 +193,16 @@ class SharedModel(PythonModel):
         # Decode and check every row before restoring any, so a bad row fails the request at once.
         requests, pixels = [], 0
         for index, row in enumerate(rows):
-            request = self._request(row, f"row {index}" if len(rows) > 1 else "the request")
+            request = self._request(row, f"row {index}: " if len(rows) > 1 else "")
             pixels += request[3]
             if pixels > MAX_REQUEST_PIXELS:
-                raise RequestError(f"the request's images have over {pixels:,} pixels together (rows 0-{index}), "
-                                   f"over the limit of {MAX_REQUEST_PIXELS:,} (PNGROW_MAX_REQUEST_PIXELS)")
+                raise RequestError(f"rows 0-{index} of the request have {pixels:,} pixels together, over the "
+                                   f"request limit of {MAX_REQUEST_PIXELS:,} (PNGROW_MAX_REQUEST_PIXELS)")
             requests.append(request)
         return pd.DataFrame([self._answer(*request) for request in requests])
 
     def _request(self, row: dict, where: str) -> tuple[str, np.ndarray | None, bytes | None, int]:
-        """(task, image or None, bitstream or None, pixels) of one row, checked."""
+        """(task, image or None, bitstream or None, pixels) of one row (``where``: "row N: " or ""), checked."""
         from pngrow.workers import restoration
         from pngrow.workers.models import Codec
 
@@ -211,22 +211,23 @@ class SharedModel(PythonModel):
         task = task if _given(task) else None
         if _given(row.get("bitstream")):
             if not isinstance(model.family, Codec):
-                raise RequestError(f"{where}: this {model.family.name} model decompresses no bitstreams")
+                raise RequestError(f"{where}this {model.family.name} model decompresses no bitstreams")
             data = row["bitstream"]
-            data = decode_base64(data, f"{where}: bitstream") if isinstance(data, str) else bytes(data)
+            data = decode_base64(data, f"{where}bitstream") if isinstance(data, str) else bytes(data)
             try:
                 header = restoration.read_header(data)
             except ValueError as exc:
-                raise RequestError(f"{where}: {exc}") from None
+                raise RequestError(f"{where}{exc}") from None
             if task is not None and task != header["task"]:
-                raise RequestError(f"{where}: task {task!r} differs from the bitstream's task {header['task']!r}")
-            _check_pixels(header["height"], header["width"], f"{where}: the bitstream's image")
+                raise RequestError(f"{where}task {task!r} differs from the bitstream's task {header['task']!r}")
+            _check_pixels(header["height"], header["width"], f"{where}the bitstream's image")
             return header["task"], None, data, header["height"] * header["width"]
         if task not in model.tasks:
-            raise RequestError(f"task {task!r} is not one of this model's tasks: {', '.join(model.tasks)}")
+            raise RequestError(f"{where}task {task!r} is not one of this model's tasks: {', '.join(model.tasks)}")
         if not _given(row.get("image")) and not isinstance(row.get("image"), (list, np.ndarray)):
-            raise RequestError(f"{where} has no image" + (" or bitstream" if isinstance(model.family, Codec) else ""))
-        image = _image_array(row["image"], f"{where}: image")
+            raise RequestError(f"{where}no image" + (" or bitstream" if isinstance(model.family, Codec) else "")
+                               + " given")
+        image = _image_array(row["image"], f"{where}image")
         return task, image, None, image.shape[0] * image.shape[1]
 
     def _answer(self, task: str, image: np.ndarray | None, data: bytes | None, pixels: int) -> dict:

@@ -247,13 +247,14 @@ class Tracking:
         only PyPI packages, so ``mlflow models serve`` and ``build-docker`` install it anywhere.
         """
         from ..workers.png import read_description
-        from . import shared_model
 
         family = read_description(checkpoint)["architecture"]["family"]
         with tempfile.TemporaryDirectory(prefix="pngrow-code-") as code, using(self.uri), \
                 mlflow.start_run(run_id=run_id), _without_type_hint_advice(), warnings.catch_warnings():
             # The signature documents the columns; an input example would run the model once more at every log.
             warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            from . import shared_model  # defining its PythonModel draws the type-hint advice too
+
             info = mlflow.pyfunc.log_model(
                 name="shared_model",
                 python_model=str(_PYFUNC_CODE),

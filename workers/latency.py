@@ -19,18 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from .png import CompactModel, SharedNetwork, compact_task
+from .png import SharedNetwork, check_compaction, compact_task
 
-__all__ = ["CompactionMismatch", "TaskSpeed", "check_compaction", "median_latencies", "task_speed"]
-
-# Largest difference allowed between a compacted task's output and the masked model's: fewer terms are summed, so
-# float32 rounding differs, but by far less than one 8-bit grey level (1/255 = 3.9e-3).
-COMPACT_TOLERANCE = 1e-3
-
-
-class CompactionMismatch(RuntimeError):
-    """A compacted task whose output differs from the masked model's beyond :data:`COMPACT_TOLERANCE`."""
-
+__all__ = ["TaskSpeed", "median_latencies", "task_speed"]
 
 @dataclass(frozen=True)
 class TaskSpeed:
@@ -70,21 +61,6 @@ def median_latencies(runs: dict[str, Callable[[], Any]], rounds: int, device: to
                     torch.cuda.synchronize(device)
                 times[name].append(1000 * (time.perf_counter() - start))
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _output(value: Any) -> torch.Tensor:
-    return value["x_hat"] if isinstance(value, dict) else value  # a codec's forward: its reconstruction
-
-
-def check_compaction(compact: CompactModel, shared: SharedNetwork, inputs: tuple[torch.Tensor, ...]) -> float:
-    """The largest difference between ``compact`` and the masked task on ``inputs``; raises
-    :class:`CompactionMismatch` beyond the tolerance, so a wrong compacted model never serves."""
-    with torch.no_grad():
-        error = float((_output(compact(*inputs)) - _output(shared(compact.task, *inputs))).abs().max())
-    if not error <= COMPACT_TOLERANCE:
-        raise CompactionMismatch(f"compacted task {compact.task!r} differs from the masked model by {error:.3g} "
-                                 f"(tolerance {COMPACT_TOLERANCE:g})")
-    return error
 
 
 def task_speed(shared: SharedNetwork, task: str, inputs: tuple[torch.Tensor, ...], rounds: int = 10) -> TaskSpeed:

@@ -127,3 +127,42 @@ def test_tiny_search_runs_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError, match="task 'x4' is not one of this model's tasks: x2, x3"):
         model.predict({"task": "x4", "image": image})
     assert np.asarray(image).dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_latency_search_times_every_trial_and_hands_on_the_fastest(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.yaml").write_text(
+        "family: sisr\nparameters:\n"
+        "  block_shape: {type: categorical, choices: ['4x4', '8x1024'], default: '8x1024'}\n"
+        "  prune_scope: {type: categorical, choices: [own, active], default: active}\n"
+        "fixed: {grow_steps: 30, prune_steps: 12, finetune_steps: 6, batch_size: 4, lr: 1.0e-3}\n")
+    (tmp_path / "search.yaml").write_text(
+        "name: tiny-latency\nfamily: sisr\ntasks: [x2, x3]\narch: {width: 16, depth: 2, lr_patch: 16}\n"
+        "data: {eval_limit: 1}\nsearch_space: space.yaml\nbudget: {trials_per_stage: 3, parallel_trials: 1}\n"
+        "objectives: {quality: psnr, cost: [latency, stored_params], latency: {size: 48, rounds: 3}}\n"
+        "select: {rule: fastest_within, tolerance: 0.5}\nray: {cpus_per_trial: 2}\n")
+    assert main(["search", "search.yaml", "--json", "summary.json"]) == 0
+    summary = json.loads(Path("summary.json").read_text())
+    runs = tmp_path / "pngrow-runs"
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    for stage in summary["stages"]:
+        trials = client.search_runs([client.get_run(stage["run_id"]).info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{stage['run_id']}'")
+        assert len(trials) == 3
+        figures = {t.info.run_id: t.data.metrics for t in trials}
+        for metrics in figures.values():
+            assert metrics["latency_ms"] > 0 and metrics["dense_latency_ms"] > 0
+            assert metrics["speedup"] == pytest.approx(metrics["dense_latency_ms"] / metrics["latency_ms"])
+        # The rule's choice, computed here from the trials' own figures: the fastest within 0.5 dB of the best.
+        best = max(m["eval/psnr"] for m in figures.values())
+        near = {run: m["latency_ms"] for run, m in figures.items() if m["eval/psnr"] >= best - 0.5}
+        assert client.get_run(stage["run_id"]).data.tags["pngrow.chosen_trial_run"] == min(near, key=near.get)
+    for study in optuna.get_all_study_summaries(f"sqlite:///{runs / 'optuna.db'}"):
+        loaded = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{runs / 'optuna.db'}")
+        assert loaded.metric_names == ["psnr", "latency", "stored_params"]
+        assert all(len(t.values) == 3 for t in loaded.trials)
+    search = client.get_run(summary["search_id"])
+    pictures = client.list_artifacts(search.info.run_id, "report")
+    assert {"report/pareto_x2.png", "report/pareto_x3.png"} <= {p.path for p in pictures}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ._accounting import ModelCost, TaskCost, count_macs, model_cost, task_cost
 from ._blocks import BlockGrid, parse_block_shape
-from ._compact import STRATEGIES, CompactLayer, CompactModel, LayerPlan, compact_task
+from ._compact import (COMPACT_TOLERANCE, STRATEGIES, CompactionMismatch, CompactLayer, CompactModel, CompactNetwork,
+                       LayerPlan, check_compaction, compact_task)
 from ._shared import (FREE, PRUNABLE_TYPES, PRUNE_SCOPES, SharedLayer, SharedNetwork, TaskRecord, UnknownTaskError, assign_tensor,
                       head_prefixes)
 from ._storage import CheckpointError, checkpoint_tensors, load_shared, read_description, save_shared
@@ -16,7 +17,10 @@ __all__ = [
     "BlockGrid",
     "CheckpointError",
     "CompactLayer",
+    "COMPACT_TOLERANCE",
     "CompactModel",
+    "CompactNetwork",
+    "CompactionMismatch",
     "LayerPlan",
     "ModelCost",
     "SharedLayer",
@@ -27,6 +31,7 @@ __all__ = [
     "UnknownTaskError",
     "assign_tensor",
     "checkpoint_tensors",
+    "check_compaction",
     "compact_task",
     "count_macs",
     "head_prefixes",

@@ -32,7 +32,7 @@ class ModelCost:
 
     * ``stored_params``: every owned block's weights once, plus every task's own tensors: its task-local parameters
       *and buffers* (biases, normalisation with its running statistics, entropy models with their CDF tables) and
-      its head;
+      its head, a tensor bit-identical to an earlier task's of the same name counted once (a store keeps it once);
     * ``mask_bits``: one bit per block for the blocks each task kept, one more for the earlier blocks it selects
       when its selection is learned;
     * ``stored_bytes``: the ideal sparse store of all that (each tensor at its own dtype, the mask bits packed);
@@ -62,9 +62,25 @@ def _parameter_count(shared: SharedNetwork, task: str) -> int:
     return local + head
 
 
-def _own_tensors(shared: SharedNetwork, task: str) -> list[torch.Tensor]:
-    """Every tensor stored for one task alone: its task-local parameters and buffers, and its head's."""
-    return [*shared.local_tensors(task).values(), *shared.head_tensors(task).values()]
+def _own_tensors(shared: SharedNetwork, task: str) -> dict[str, torch.Tensor]:
+    """Every tensor stored for one task alone, by name: its task-local parameters and buffers, and its head's."""
+    return {**shared.local_tensors(task), **shared.head_tensors(task)}
+
+
+def _new_tensors(shared: SharedNetwork) -> dict[str, list[torch.Tensor]]:
+    """Each task's own tensors that a store needs beside the earlier tasks': a task-local tensor bit-identical to an
+    earlier task's of the same name (e.g. CompressAI's Gaussian-conditional CDF table, which depends only on its
+    fixed scale table, the same for every rate) is stored once."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    new: dict[str, list[torch.Tensor]] = {}
+    for task in shared.tasks:
+        new[task.name] = []
+        for name, tensor in _own_tensors(shared, task.name).items():
+            earlier = seen.setdefault(name, [])
+            if not any(t.shape == tensor.shape and t.dtype == tensor.dtype and torch.equal(t, tensor) for t in earlier):
+                new[task.name].append(tensor)
+                earlier.append(tensor)
+    return new
 
 
 def _uses_per_weight(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> int:
@@ -160,11 +176,11 @@ def model_cost(shared: SharedNetwork) -> ModelCost:
     stored_bytes = sum(int(layer.owned().sum()) * layer.kernel_numel * layer.weight.element_size() for layer in layers)
     prunable = sum(layer.weight.numel() for layer in layers)
     independent = mask_bits = dense_params = 0
+    new = _new_tensors(shared)
     for index, task in enumerate(shared.tasks):
-        own = _own_tensors(shared, task.name)
-        stored += sum(t.numel() for t in own)
-        stored_bytes += sum(t.numel() * t.element_size() for t in own)
-        dense = prunable + sum(t.numel() for t in own)
+        stored += sum(t.numel() for t in new[task.name])
+        stored_bytes += sum(t.numel() * t.element_size() for t in new[task.name])
+        dense = prunable + sum(t.numel() for t in _own_tensors(shared, task.name).values())
         independent += dense
         dense_params = dense_params or dense
         selection_bits = index > 0 and task.reuse == "learned"

@@ -19,19 +19,27 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ._shared import SharedLayer, SharedNetwork
 
-__all__ = ["STRATEGIES", "CompactLayer", "CompactModel", "LayerPlan", "compact_task"]
+__all__ = ["COMPACT_TOLERANCE", "STRATEGIES", "CompactLayer", "CompactModel", "CompactNetwork", "CompactionMismatch",
+           "LayerPlan", "check_compaction", "compact_task"]
 
 STRATEGIES = ("dense", "channels", "groups")
 _SLICEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # A non-dense way must beat dense by this factor to be kept: timing noise must not pick a slower layer.
 _MARGIN = 1.05
+# Largest difference allowed between a compacted task's output and the masked model's: fewer terms are summed, so
+# float32 rounding differs, but by far less than one 8-bit grey level (1/255 = 3.9e-3).
+COMPACT_TOLERANCE = 1e-3
+
+
+class CompactionMismatch(RuntimeError):
+    """A compacted task whose output differs from the masked model's beyond :data:`COMPACT_TOLERANCE`."""
 
 
 @dataclass(frozen=True)
@@ -289,3 +297,75 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     setattr(owner, attr, module)
+
+
+def _output(value: Any) -> torch.Tensor:
+    return value["x_hat"] if isinstance(value, dict) else value  # a codec's forward: its reconstruction
+
+
+def check_compaction(compact: CompactModel, shared: SharedNetwork, inputs: tuple[torch.Tensor, ...]) -> float:
+    """The largest difference between ``compact`` and the masked task on ``inputs``; raises
+    :class:`CompactionMismatch` beyond :data:`COMPACT_TOLERANCE`, so that a wrong compacted model never serves."""
+    with torch.no_grad():
+        error = float((_output(compact(*inputs)) - _output(shared(compact.task, *inputs))).abs().max())
+    if not error <= COMPACT_TOLERANCE:
+        raise CompactionMismatch(f"compacted task {compact.task!r} differs from the masked model by {error:.3g} "
+                                 f"(tolerance {COMPACT_TOLERANCE:g})")
+    return error
+
+
+class CompactNetwork:
+    """A shared network's committed tasks for inference, each run by its compacted model (:func:`compact_task`,
+    ``channels`` wherever it removes a channel, so the same task always computes the same way), built on first use,
+    checked against the masked model on ``example(task)`` and cached. It runs as the shared network does:
+    ``network(task, *inputs)``, or ``network.activate(task)`` then ``network.model`` (e.g. a codec's ``compress``).
+
+    >>> net = SharedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)))
+    >>> net.begin_task("a", block_shape=(4, 64)); net.prune(0.5); net.commit()
+    >>> fast = CompactNetwork(net, lambda task: (torch.rand(1, 3, 16, 16),))
+    >>> x = torch.rand(1, 3, 8, 8)
+    >>> torch.allclose(fast("a", x), net("a", x), atol=1e-5), fast.compact("a") is fast.compact("a")
+    (True, True)
+    """
+
+    def __init__(self, shared: SharedNetwork, example: Callable[[str], tuple[torch.Tensor, ...]]) -> None:
+        self.shared = shared
+        self.example = example
+        self._compacted: dict[str, CompactModel] = {}
+        self._active: str | None = None
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.shared.task_names
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    def fingerprint(self, task: str) -> str:
+        """The task's fingerprint: the shared network's (compaction computes the same task)."""
+        return self.shared.fingerprint(task)
+
+    def compact(self, task: str) -> CompactModel:
+        """Task ``task`` compacted, built and checked on first use."""
+        if task not in self._compacted:
+            self.shared.eval()
+            compact = compact_task(self.shared, task)
+            check_compaction(compact, self.shared, tuple(x.to(self.device) for x in self.example(task)))
+            self._compacted[task] = compact
+        return self._compacted[task]
+
+    def activate(self, task: str) -> None:
+        self._active = self.compact(task).task
+
+    @property
+    def model(self) -> nn.Module:
+        """The active task's compacted model (see :meth:`activate`); before any, the shared network's whole model."""
+        return self.shared.model if self._active is None else self._compacted[self._active].model
+
+    def task_index(self, task: str) -> int:
+        """The task's position (an unknown task is refused by name)."""
+        return self.shared.task_index(task)
+
+    def __call__(self, task: str, *args: Any, **kwargs: Any) -> Any:
+        return self.compact(task)(*args, **kwargs)

@@ -47,6 +47,10 @@ def _tiny(reuse_b: str = "learned") -> SharedNetwork:
     shared = SharedNetwork(_Tiny(), task_heads=["heads"], task_arg="task")
     for task, reuse in (("a", "learned"), ("b", reuse_b)):
         shared.begin_task(task, (2, 2), reuse)  # type: ignore[arg-type]
+        with torch.no_grad():  # as training would: each task's local state its own (identical ones are stored once)
+            for name, tensor in [*shared.model.named_parameters(), *shared.model.named_buffers()]:
+                if name in shared.local_names:
+                    tensor.add_(1)
         shared.prune(0.5)
         shared.commit()
     return shared
@@ -81,3 +85,28 @@ def test_task_cost_of_a_reusing_task_by_hand() -> None:
     assert (a.active_params, b.active_params) == (8 + 12 + 5, 12 + 12 + 5)  # parameters only, no buffers
     assert (a.macs, b.macs) == (8 * 9 + 4, 12 * 9 + 4)  # shared layer at 3x3 positions, then the head
     assert a.dense_macs == b.dense_macs == 16 * 9 + 4
+
+
+def test_a_task_local_tensor_identical_to_an_earlier_tasks_is_stored_once() -> None:
+    from torch import nn
+
+    from pngrow.workers.png import SharedNetwork, model_cost
+
+    class WithTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1, bias=False)  # 4 shared weights
+            self.register_buffer("table", torch.arange(10.0))  # task-local, the same for every task
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + self.table[0]
+
+    net = SharedNetwork(WithTable())
+    for name in ("a", "b"):
+        net.begin_task(name, (1, 2))
+        net.prune(0.5)
+        net.commit()
+    # a keeps 1 of its 2 row blocks (2 weights), b the other (2 weights); the table is stored once, not twice.
+    assert model_cost(net).stored_params == 2 + 2 + 10
+    net.tasks[1].local_state["table"] = torch.arange(10.0) + 1  # b's own table now differs: stored too
+    assert model_cost(net).stored_params == 2 + 2 + 10 + 10
