@@ -3,7 +3,8 @@
 Systems, each trained for ``steps`` gradient steps per task at the same batch size, learning rate and schedule:
 
 * ``separate``: one dense model per task (CompressAI's per-quality zoo, BasicSR's per-scale EDSR runs);
-* ``png-<block>``: one PnG shared model per block shape (grow 60%, prune 20%, fine-tune 20% of the steps);
+* ``png-<block>[-active]``: one PnG shared model per block shape (grow 60%, prune 20%, fine-tune 20% of the steps);
+  ``-active`` prunes with ``prune_scope="active"`` (a later task's reused blocks are pruned too, so it compacts);
 * ``joint``: one fully shared model trained on all tasks in turn (see :mod:`bench.baselines`).
 
 Measured per task: PSNR and MS-SSIM (SISR on Y, border cropped by the scale; NIC on RGB), bpp from real bitstreams
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pngrow.workers.data import ImageSet, PatchSampler, load_folder
+from pngrow.workers.latency import median_latencies
 from pngrow.workers.metrics import bd_rate
 from pngrow.workers.models import Family, get_family
 from pngrow.workers.png import compact_task, count_macs, model_cost, parse_block_shape
@@ -52,7 +54,7 @@ class Budget:
     eval_images: int | None  # the first N of the evaluation folder; None for all
     latency_size: int  # side of the square input latency is measured on
     latency_rounds: int
-    block_shapes: tuple[str, ...] = ("4x4", "8x1024")
+    block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<prune scope>]"
     prune_ratio: float = 0.5
     reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects
 
@@ -88,31 +90,22 @@ class Row:
         return {**out, **self.metrics, **self.extra}
 
 
+def _system(spec: str) -> str:
+    """A PnG system's name from its block spec: ``8x1024/active`` is ``png-8x1024-active``."""
+    shape, _, scope = spec.partition("/")
+    return f"png-{shape}" + (f"-{scope}" if scope and scope != "own" else "")
+
+
 def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> StageSettings:
     if block_shape is None:  # a dense model: every step grows, nothing is pruned
         return StageSettings(prune_ratio=0.0, reuse="none", grow_steps=budget.steps, prune_steps=0, finetune_steps=0,
                              batch_size=budget.batch_size, lr=budget.lr, seed=seed)
     grow = round(0.6 * budget.steps)
     prune = round(0.2 * budget.steps)
-    return StageSettings(block_shape=parse_block_shape(block_shape), prune_ratio=budget.prune_ratio, grow_steps=grow,
+    shape, _, scope = block_shape.partition("/")
+    return StageSettings(block_shape=parse_block_shape(shape), prune_ratio=budget.prune_ratio, grow_steps=grow,
                          prune_steps=prune, finetune_steps=budget.steps - grow - prune, batch_size=budget.batch_size,
-                         lr=budget.lr, reuse_penalty=budget.reuse_penalty, seed=seed)
-
-
-def _latencies(runs: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median milliseconds of each callable, all taking turns round after round."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    with torch.no_grad():
-        for run in runs.values():
-            run()
-        for _ in range(rounds):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
+                         lr=budget.lr, reuse_penalty=budget.reuse_penalty, prune_scope=scope or "own", seed=seed)
 
 
 def _max_error(a: Any, b: Any) -> float:
@@ -144,10 +137,10 @@ def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation:
     png = {}
     for shape in budget.block_shapes:
         start = time.perf_counter()
-        log(f"png-{shape}: {len(budget.tasks)} stages of {budget.steps} steps")
+        log(f"{_system(shape)}: {len(budget.tasks)} stages of {budget.steps} steps")
         settings = [_stage_settings(budget, shape, seed)] * len(budget.tasks)
         png[shape] = train_shared(family, settings, train, first_image, quiet, device)
-        timings[f"png-{shape}"] = time.perf_counter() - start
+        timings[_system(shape)] = time.perf_counter() - start
 
     start = time.perf_counter()
     log(f"joint: {budget.steps * len(budget.tasks)} steps over all tasks")
@@ -161,7 +154,7 @@ def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation:
     stored = {
         "separate": sum(model_cost(job.shared).stored_params for job in separate.values()),
         "joint": sum(p.numel() for p in joint.model.parameters()),
-        **{f"png-{shape}": model_cost(job.shared).stored_params for shape, job in png.items()},
+        **{_system(shape): model_cost(job.shared).stored_params for shape, job in png.items()},
     }
     log("measuring quality, MACs and latency")
     for task in budget.tasks:
@@ -172,9 +165,9 @@ def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation:
             "joint": lambda: joint(task, latency_input),
         }
         for shape, job in png.items():
-            runs[f"png-{shape}"] = lambda job=job: job.shared(task, latency_input)
-            runs[f"png-{shape}/compact"] = lambda c=compacted[shape]: c(latency_input)
-        ms = _latencies(runs, budget.latency_rounds, torch.device(device))
+            runs[_system(shape)] = lambda job=job: job.shared(task, latency_input)
+            runs[_system(shape) + "/compact"] = lambda c=compacted[shape]: c(latency_input)
+        ms = median_latencies(runs, budget.latency_rounds, torch.device(device), warmup=1)
         rows.append(Row("separate", task, family.evaluate(separate[task].shared, task, evaluation),
                         count_macs(exported, cost_input), ms["separate"], stored["separate"], dense_params))
         for shape, job in png.items():
@@ -182,9 +175,10 @@ def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation:
             with torch.no_grad():
                 error = _max_error(compact(latency_input), job.shared(task, latency_input))
             stage = next(s for s in job.stages if s.task == task)
-            rows.append(Row(f"png-{shape}", task, family.evaluate(job.shared, task, evaluation), stage.cost.macs,
-                            ms[f"png-{shape}"], stored[f"png-{shape}"], dense_params,
-                            compact_latency_ms=ms[f"png-{shape}/compact"], compact_macs=count_macs(compact, cost_input),
+            system = _system(shape)
+            rows.append(Row(system, task, family.evaluate(job.shared, task, evaluation), stage.cost.macs,
+                            ms[system], stored[system], dense_params,
+                            compact_latency_ms=ms[system + "/compact"], compact_macs=count_macs(compact, cost_input),
                             compact_params=compact.parameter_count(), compact_max_error=error,
                             extra={"density": stage.cost.density, "dense_macs": stage.cost.dense_macs,
                                    "compact_layers": ",".join(p.strategy for p in compact.plans)}))
@@ -326,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-size", type=int, default=None,
                         help="override the side of the square input latency is timed on")
     parser.add_argument("--latency-rounds", type=int, default=None, help="override how many rounds latency is timed")
-    parser.add_argument("--block-shapes", default=None, help="PnG block shapes, comma separated (e.g. 4x4,8x1024)")
+    parser.add_argument("--block-shapes", default=None,
+                        help="PnG systems, comma separated: a block shape and optionally /active, the pruning scope "
+                             "(e.g. 4x4,8x1024,8x1024/active)")
     parser.add_argument("--reuse-penalty", type=float, default=None,
                         help="PnG's loss weight on the share of earlier blocks a later task reuses (default 0)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
@@ -345,9 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = tuple(s.strip() for s in args.block_shapes.split(",") if s.strip())
         for shape in shapes:
             try:
-                parse_block_shape(shape)
+                _stage_settings(budget, shape, args.seed)
             except ValueError as error:
-                parser.error(str(error))
+                parser.error(f"--block-shapes {shape!r}: {error}")
         budget = replace(budget, block_shapes=shapes)
     if args.eval_images is not None:
         budget = replace(budget, eval_images=args.eval_images)

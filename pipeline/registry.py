@@ -35,10 +35,23 @@ def resolve_run(tracking: Tracking, ref: str) -> Run:
     return finished[0]
 
 
+def _servable(tracking: Tracking, uri: str) -> bool:
+    """Whether the pyfunc model at ``uri`` has a signature, as pngrow logs it since models are served over JSON
+    (earlier ones took raw bytes only and required ``pngrow`` from a package index)."""
+    with using(tracking.uri):
+        return mlflow.models.get_model_info(uri).signature is not None
+
+
 def _model_uri(tracking: Tracking, run: Run) -> str:
     tags = run.data.tags
     if names.MODEL_URI in tags:
-        return tags[names.MODEL_URI]
+        uri = tags[names.MODEL_URI]
+        if _servable(tracking, uri):
+            return uri
+        from .api import resolve_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="pngrow-promote-") as tmp:  # logged by an older pngrow: log anew
+            return tracking.log_shared_model(run.info.run_id, resolve_checkpoint(uri, tmp, tracking.uri)[0])
     kind = tags.get(names.KIND)
     if kind == Kind.SEARCH:
         raise SearchError(f"search {run.info.run_id} has no shared model yet (its run is {run.info.status})")

@@ -246,6 +246,8 @@ class Tracking:
         ``pngrow`` package as code (``code/pngrow``, first on ``sys.path`` when it loads) and requirements that name
         only PyPI packages, so ``mlflow models serve`` and ``build-docker`` install it anywhere.
         """
+        import shutil
+
         from ..workers.png import read_description
 
         family = read_description(checkpoint)["architecture"]["family"]
@@ -255,6 +257,8 @@ class Tracking:
             warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
             from . import shared_model  # defining its PythonModel draws the type-hint advice too
 
+            if Path(checkpoint).name != "checkpoint":  # MLflow keeps the folder's name: artifacts/checkpoint
+                checkpoint = shutil.copytree(checkpoint, Path(code) / "checkpoint")
             info = mlflow.pyfunc.log_model(
                 name="shared_model",
                 python_model=str(_PYFUNC_CODE),

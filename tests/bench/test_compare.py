@@ -23,13 +23,14 @@ def _images(count: int, size: int, seed: int = 0) -> ImageSet:
                     tuple((s * 255).round().to(torch.uint8) for s in smooth))
 
 
-TINY_SISR = Budget(("x2", "x4"), 3, 2, 5e-4, {"width": 8, "depth": 1, "lr_patch": 8}, None, 24, 2, ("4x4", "2x1024"))
+TINY_SISR = Budget(("x2", "x4"), 3, 2, 5e-4, {"width": 8, "depth": 1, "lr_patch": 8}, None, 24, 2,
+                   ("4x4", "2x1024", "2x1024/active"))
 TINY_NIC = Budget(("q6", "q4", "q3", "q1"), 2, 2, 5e-4, {"N": 16, "M": 24, "patch": 64}, 1, 64, 2, ("4x1024",))
 
 
 def test_every_system_is_measured_on_every_task_under_the_same_budget() -> None:
     rows, summary = run_benchmark("sisr", TINY_SISR, _images(2, 64), _images(2, 64, seed=1), log=lambda m: None)
-    systems = ["separate", "png-4x4", "png-2x1024", "joint"]
+    systems = ["separate", "png-4x4", "png-2x1024", "png-2x1024-active", "joint"]
     assert [(r.system, r.task) for r in rows] == [(s, t) for t in ("x2", "x4") for s in systems]
     for row in rows:
         assert math.isfinite(row.metrics["psnr"]) and 0 < row.metrics["ms_ssim"] <= 1
@@ -45,6 +46,10 @@ def test_every_system_is_measured_on_every_task_under_the_same_budget() -> None:
         expected = {t: by[system, t] - by["separate", t] for t in ("x2", "x4")}
         assert entry[system]["psnr_delta"] == pytest.approx(expected)
     assert set(entry["png-2x1024"]["compact_speedup"]) == {"x2", "x4"}
+    # The active scope leaves the later task (x4) half of the body's rows to compute; "own" lets it reuse them all.
+    density = {(r.system, r.task): r.extra["density"] for r in rows if r.system.startswith("png")}
+    assert density["png-2x1024-active", "x4"] == pytest.approx(0.5, abs=0.05)
+    assert density["png-2x1024-active", "x4"] < density["png-2x1024", "x4"]
 
 
 def test_nic_is_compared_by_bd_rate_from_real_bitstreams() -> None:
@@ -94,7 +99,7 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
     assert main(["sisr", "--quick", "--train", str(folder), "--eval", str(folder), "--out", str(out),
                  "--reuse-penalty", "0.5"]) == 0
     table = pd.read_parquet(out / "sisr-quick.parquet")
-    assert len(table) == 8 and {"psnr", "ms_ssim", "latency_ms", "stored_params"} <= set(table.columns)
+    assert len(table) == 10 and {"psnr", "ms_ssim", "latency_ms", "stored_params"} <= set(table.columns)
     markdown = (out / "sisr-quick.md").read_text()
     assert "| png-4x4 | x4 |" in markdown and "python -m bench sisr --quick" in markdown
     assert "PnG reuse penalty 0.5" in markdown
@@ -110,6 +115,7 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
         (["sisr", "--steps", "0"], "--steps 0 must be at least 1"),
         (["sisr", "--latency-rounds", "-2"], "--latency-rounds -2 must be at least 1"),
         (["sisr", "--block-shapes", "4by4"], "block shape '4by4'"),
+        (["sisr", "--block-shapes", "8x1024/fast"], "--block-shapes '8x1024/fast': prune scope 'fast' is not one of"),
         (["sisr", "--reuse-penalty", "-0.5"], "--reuse-penalty -0.5 must be at least 0"),
         (["sisr", "--reuse-penalty", "nan"], "--reuse-penalty nan must be at least 0"),
         (["sisr", "--train", "/nonexistent"], "'/nonexistent' does not exist"),

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,9 @@ import skimage.data
 from PIL import Image
 
 from pngrow import load_shared_model
+from pngrow.pipeline import names, shared_model
 from pngrow.pipeline.cli import main
+from pngrow.pipeline.registry import promote
 from pngrow.pipeline.shared_model import RequestError, _image_array, decode_base64, signature
 from pngrow.pipeline.tracking import Tracking, using
 
@@ -186,7 +189,7 @@ print(one["image"][0] == many["image"][0], many["scale"].tolist())
 def test_served_models_answer_json_requests_and_refuse_bad_ones(logged: dict, tmp_path: Path) -> None:
     env = {"MLFLOW_TRACKING_URI": logged["tracking_uri"]}
     sisr = Server("models:/sisr-shared@champion", tmp_path / "sisr.log", env)
-    nic = Server(logged["nic"], tmp_path / "nic.log", {**env, "PNGROW_MAX_REQUEST_PIXELS": "10000"})
+    nic = Server(logged["nic"], tmp_path / "nic.log", {**env, "PNGROW_MAX_REQUEST_PIXELS": "5000"})
     try:
         sisr.wait()
         nic.wait()
@@ -244,7 +247,7 @@ def test_served_models_answer_json_requests_and_refuse_bad_ones(logged: dict, tm
             ({"dataframe_records": [{"bitstream": b64(b"hello")}]}, "not a pngrow bitstream (bad magic bytes)"),
             ({"dataframe_records": [{"task": "q6", "image": b64(b"\x89PNG\r\n\x1a\n")}]}, "is not a readable image"),
             ({"inputs": {"task": ["q6", "q6"], "image": [photo, photo]}},
-             "rows 0-1 of the request have 12,288 pixels together, over the request limit of 10,000"),
+             "rows 0-1 of the request have 6,144 pixels together, over the request limit of 5,000"),
         ):
             status, body = nic.post(request)
             assert 400 <= status < 600 and message in body["message"], (status, body)
@@ -253,3 +256,26 @@ def test_served_models_answer_json_requests_and_refuse_bad_ones(logged: dict, tm
     finally:
         sisr.stop()
         nic.stop()
+
+
+@pytest.mark.slow
+def test_promote_logs_a_model_from_before_serving_again(logged: dict) -> None:
+    """A run whose pyfunc model an older pngrow logged (no signature, `pngrow==0.1.0` required) is promoted with a
+    servable model, logged again from that model's checkpoint."""
+    uri = logged["tracking_uri"]
+    tracking = Tracking(uri, "serving")
+    run_id = tracking.client.create_run(tracking.experiment_id).info.run_id
+    checkpoint = shutil.copytree(logged["root"] / "sisr", logged["root"] / "legacy" / "checkpoint")
+    with using(uri), mlflow.start_run(run_id=run_id):
+        old = mlflow.pyfunc.log_model(name="shared_model", python_model=shared_model.__file__,
+                                      artifacts={"checkpoint": str(checkpoint)}, pip_requirements=["pngrow==0.1.0"])
+    tracking.log(run_id, tags={names.MODEL_URI: old.model_uri})
+    tracking.client.set_terminated(run_id)
+    version = promote(tracking, run_id, "legacy", alias=None)
+    with using(uri):
+        info = mlflow.models.get_model_info(f"models:/legacy/{version.version}")
+        model = Path(mlflow.artifacts.download_artifacts(f"models:/legacy/{version.version}",
+                                                         dst_path=str(logged["root"] / "legacy-model")))
+    assert info.model_uri != old.model_uri and info.signature == signature("sisr")
+    assert "pngrow" not in (model / "requirements.txt").read_text() and (model / "code" / "pngrow").is_dir()
+    assert tracking.run(run_id).data.tags[names.MODEL_URI] == version.source
