@@ -108,7 +108,19 @@ def _start_search_run(plan: Plan, tracking: Tracking) -> str:
         tags[names.GROWN_FROM_MODEL] = plan.base.label
     tracking.log(search_id, params=flat_params(config), tags=tags)
     tracking.log_dict(search_id, {**public_config(config), "search_space_resolved": plan.space.name}, CONFIG_ARTIFACT)
+    tracking.describe(search_id, describe_search(plan))
     return search_id
+
+
+def describe_search(plan: Plan) -> str:
+    """What was searched, in a few Markdown lines: the run's description in the MLflow UI."""
+    config, space = plan.config, plan.space
+    searched = ", ".join(f"`{name}`" for name in space.parameters) or "nothing (fixed settings)"
+    grown = f" into `{plan.base.label}`" if plan.base is not None else ""
+    return (f"**pngrow search `{config.name}`**: {config.family} tasks {', '.join(config.tasks)}{grown}, one stage "
+            f"per task in that order.\n\nEach stage searches {searched} (space `{space.name}`) over "
+            f"{config.trials_per_stage} trials for {plan.quality} against {', '.join(config.costs)}, and hands on "
+            f"the trial `{config.rule}` picks (tolerance {config.tolerance:g}).")
 
 
 def _reopen_search_run(tracking: Tracking, search_id: str) -> str:

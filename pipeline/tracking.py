@@ -37,6 +37,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 _BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
+# The experiment tag MLflow's UI reads to open an experiment as model training rather than GenAI development.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 _PYFUNC_CODE = Path(__file__).with_name("shared_model.py")
 
 
@@ -163,10 +166,15 @@ class Tracking:
         self.experiment_id = self._experiment(experiment, artifact_root) if experiment else None
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:
+        """The experiment called ``name``, created when missing; either way marked as model training, so that the
+        MLflow UI opens it on its runs (MLflow 3 otherwise may take it for a GenAI experiment)."""
         found = self.find_experiment(name)
-        if found is not None:
-            return found
-        return self.client.create_experiment(name, artifact_location=artifact_root)
+        if found is None:
+            found = self.client.create_experiment(name, artifact_location=artifact_root, tags={
+                "mlflow.note.content": "pngrow prune-and-grow searches: one run per search, a nested run per stage "
+                                       "(task) and per trial."})
+        self.client.set_experiment_tag(found, EXPERIMENT_KIND, MODEL_TRAINING)
+        return found
 
     def find_experiment(self, name: str) -> str | None:
         """The id of the experiment called ``name``; None when there is none."""
@@ -211,6 +219,26 @@ class Tracking:
     def reopen_run(self, run_id: str) -> None:
         """Mark an ended (or orphaned) run RUNNING again, for a resumed search."""
         self.client.update_run(run_id, "RUNNING")
+
+    def describe(self, run_id: str, text: str) -> None:
+        """The run's description, as the MLflow UI shows it (Markdown)."""
+        self.client.set_tag(run_id, "mlflow.note.content", text)
+
+    def log_dataset(self, run_id: str, name: str, source: str | None, digest: str, context: str) -> None:
+        """Record on the run (the UI's Datasets column) that ``context`` ("training" or "evaluation") used images
+        ``name`` from ``source`` (a folder, an ``s3://`` prefix, or None for scikit-image's bundled photos), whose
+        content hashes to ``digest``."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        if source is None:
+            origin = CodeDatasetSource({"mlflow.source.name": "skimage.data"})
+        else:
+            origin = resolve_dataset_source(source if "://" in source else Path(source).resolve().as_uri())
+        dataset = MetaDataset(origin, name=name, digest=digest)._to_mlflow_entity()
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
         """``data`` as the run's JSON artifact ``path``."""

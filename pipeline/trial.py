@@ -170,6 +170,8 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
         evaluation = load_images(spec.eval_data, "eval", scratch).limit(spec.eval_limit)
         sampler = PatchSampler(train, max(family.patch_size(t) for t in family.tasks), seed=settings.seed)
         tracking.log(spec.run_id, params=_settings_params(asdict(settings)))
+        for images, source, context in ((train, spec.train_data, "training"), (evaluation, spec.eval_data, "evaluation")):
+            tracking.log_dataset(spec.run_id, f"{context} images ({len(images)})", source, images.digest, context)
 
         def on_step(step: int, figures: dict[str, float]) -> None:
             tracking.log(spec.run_id, metrics={f"train/{k}": v for k, v in figures.items()}, step=step)

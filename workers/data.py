@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from dataclasses import dataclass, field
@@ -59,6 +60,20 @@ class ImageSet:
             return self
         return ImageSet(self.source, self.names[:count], self.images[:count],
                         {s: lr[:count] for s, lr in self.low_res.items()})
+
+    @property
+    def digest(self) -> str:
+        """A short SHA-256 of the images' names and pixels (and any paired LR images): the same set, the same digest.
+
+        >>> default_images("eval").digest == default_images("eval").digest != default_images("train").digest
+        True
+        """
+        hasher = hashlib.sha256()
+        pairs = [(str(s), lr) for s, lrs in sorted(self.low_res.items()) for lr in lrs]
+        for name, image in [*zip(self.names, self.images), *pairs]:
+            hasher.update(f"{name}:{tuple(image.shape)};".encode())
+            hasher.update(image.contiguous().numpy().tobytes())
+        return hasher.hexdigest()[:16]
 
     @property
     def protocol(self) -> str:

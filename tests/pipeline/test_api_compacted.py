@@ -11,21 +11,16 @@ import skimage.data
 import torch
 
 from pngrow import load_shared_model
-from pngrow.pipeline.cli import main
+from tests.tiny_models import tiny_models
 from pngrow.workers.png import CompactionMismatch, CompactNetwork
 
-TINY = ["--grow-steps", "6", "--prune-steps", "4", "--finetune-steps", "2", "--batch-size", "2", "--eval-limit", "1",
-        "--quiet", "--block-shape", "4x1024", "--prune-scope", "active"]
+ACTIVE = ["--grow-steps", "6", "--prune-steps", "4", "--finetune-steps", "2", "--batch-size", "2", "--eval-limit", "1",
+          "--quiet", "--block-shape", "4x1024", "--prune-scope", "active"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    assert main(["run", "--family", "sisr", "--tasks", "x2,x3", "--arch", "width=16", "--arch", "depth=1", "--arch",
-                 "lr_patch=8", "--out", str(root / "sisr"), *TINY]) == 0
-    assert main(["run", "--family", "nic", "--tasks", "q2,q5", "--arch", "N=16", "--arch", "M=16", "--arch",
-                 "patch=64", "--out", str(root / "nic"), *TINY]) == 0
-    return {"sisr": root / "sisr", "nic": root / "nic"}
+    return tiny_models(tmp_path_factory.mktemp("models"), nic_tasks="q2,q5", sisr_width=16, extra=ACTIVE)
 
 
 def test_upscaling_runs_the_compacted_later_task_and_matches_the_masked_model(models) -> None:

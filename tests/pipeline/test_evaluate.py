@@ -19,20 +19,14 @@ from pngrow.pipeline.cli import main
 from pngrow.pipeline.evaluate import CODEC_KEYS
 from pngrow.workers.models.nic import lambda_of
 from pngrow.workers.models.sisr import bicubic_downscale
+from tests.tiny_models import tiny_models
 
-TINY = ["--grow-steps", "2", "--prune-steps", "2", "--finetune-steps", "1", "--batch-size", "2", "--eval-limit", "1",
-        "--quiet"]
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "compressai-kodak"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    assert main(["run", "--family", "nic", "--tasks", "q6,q2,q4", "--arch", "N=16", "--arch", "M=16", "--arch",
-                 "patch=64", "--out", str(root / "nic"), *TINY]) == 0
-    assert main(["run", "--family", "sisr", "--tasks", "x2,x3", "--arch", "width=8", "--arch", "depth=1", "--arch",
-                 "lr_patch=8", "--out", str(root / "sisr"), *TINY]) == 0
-    return {"nic": root / "nic", "sisr": root / "sisr"}
+    return tiny_models(tmp_path_factory.mktemp("models"), nic_tasks="q6,q2,q4")
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,11 @@ from PIL import Image
 
 from pngrow import load_shared_model
 from pngrow.pipeline.cli import main
-
-TINY = ["--grow-steps", "2", "--prune-steps", "2", "--finetune-steps", "1", "--batch-size", "2", "--eval-limit", "1",
-        "--quiet"]
-
+from tests.tiny_models import tiny_models
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    assert main(["run", "--family", "nic", "--tasks", "q6,q2", "--arch", "N=16", "--arch", "M=16", "--arch",
-                 "patch=64", "--out", str(root / "nic"), *TINY]) == 0
-    assert main(["run", "--family", "sisr", "--tasks", "x2,x3", "--arch", "width=8", "--arch", "depth=1", "--arch",
-                 "lr_patch=8", "--out", str(root / "sisr"), *TINY]) == 0
-    return {"nic": root / "nic", "sisr": root / "sisr"}
+    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

@@ -112,6 +112,14 @@ def test_tiny_search_runs_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     separate = sum(sum(p.numel() for p in get_family("sisr", [task], **arch).build_model().parameters())
                    for task in ("x2", "x3"))
     assert summary["stages"][0]["stored_params"] < summary["stages"][1]["stored_params"] < separate
+    # What a reviewer sees in the MLflow UI: a model-training experiment, a described search, each trial's datasets.
+    search = client.get_run(summary["search_id"])
+    assert client.get_experiment(search.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "searches `prune_ratio`" in search.data.tags["mlflow.note.content"]
+    trial = client.get_run(summary["stages"][0]["chosen_trial_run"])
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in trial.inputs.dataset_inputs}
+    assert inputs["training"].digest == default_images("train").digest
+    assert inputs["evaluation"].digest == evaluation.digest and "skimage.data" in inputs["evaluation"].source
     capsys.readouterr()
 
     assert main(["status"]) == 0

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ._shared import SharedLayer, SharedNetwork
+from ._shared import PRUNABLE_TYPES, SharedNetwork, head_prefixes
 
 __all__ = ["COMPACT_TOLERANCE", "STRATEGIES", "CompactLayer", "CompactModel", "CompactNetwork", "CompactionMismatch",
            "LayerPlan", "check_compaction", "compact_task"]
@@ -186,10 +186,11 @@ def compact_task(
     record = shared.tasks[index]
     if not record.committed:
         raise RuntimeError(f"task {task!r} is in progress; only committed tasks can be compacted")
-    layers = shared.shared_layers()
-    inputs = _layer_inputs(shared, task, layers, example_inputs, example_kwargs) if example_inputs else {}
+    targets = _targets(shared, task)
+    names = [name for name, _, _ in targets]
+    inputs = _layer_inputs(shared, task, names, example_inputs, example_kwargs) if example_inputs else {}
     shared.activate(task)
-    for layer in layers:
+    for layer in shared.shared_layers():
         # The weight SharedNetwork's hook left from the last forward may be part of an autograd graph, which
         # deepcopy refuses; the hook sets it again on the next call.
         shared.model.get_submodule(layer.name).__dict__.pop("weight", None)
@@ -200,19 +201,34 @@ def compact_task(
             del routed._modules[name]
     plans = []
     with torch.no_grad():
-        for layer in layers:
-            module = shared.model.get_submodule(layer.name)
-            weight = layer.effective_weight(index, record).detach().clone()
-            active = layer.active_plane(index, record.block_shape)
+        for name, weight, active in targets:
+            module = shared.model.get_submodule(name)
             allowed = [s for s in strategies if s == "dense" or _sliceable(module)] or ["dense"]
             candidates = {s: CompactLayer(module, weight, active, s) for s in allowed}
-            seconds = _time(candidates, inputs[layer.name], repeats) if layer.name in inputs else {}
+            seconds = _time(candidates, inputs[name], repeats) if name in inputs else {}
             chosen = _choose(candidates, seconds)
             compact = candidates[chosen]
-            _replace(model, layer.name, compact)
-            plans.append(LayerPlan(layer.name, chosen, (compact.computed_outputs, compact.out_channels),
+            _replace(model, name, compact)
+            plans.append(LayerPlan(name, chosen, (compact.computed_outputs, compact.out_channels),
                                    (compact.read_inputs, compact.in_channels), len(compact.parts), seconds))
     return CompactModel(model, task, shared.task_arg, plans)
+
+
+def _targets(shared: SharedNetwork, task: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """What can be compacted for ``task``: every shared layer with the task's effective weight and active (output x
+    input) channel plane, then the Conv/Linear layers of its own head with their non-zero plane (a head the active
+    pruning scope pruned has whole zero blocks)."""
+    index = shared.task_index(task)
+    record = shared.tasks[index]
+    targets = [(layer.name, layer.effective_weight(index, record).detach().clone(),
+                layer.active_plane(index, record.block_shape)) for layer in shared.shared_layers()]
+    prefixes = head_prefixes(shared.task_heads, task)
+    for name, module in shared.model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and name.startswith(prefixes):
+            weight = module.weight.detach().clone()
+            plane = (weight != 0).reshape(weight.shape[0], weight.shape[1], -1).any(-1)
+            targets.append((name, weight, plane.T if getattr(module, "transposed", False) else plane))
+    return targets
 
 
 def _choose(candidates: dict[str, CompactLayer], seconds: dict[str, float]) -> str:
@@ -228,9 +244,9 @@ def _choose(candidates: dict[str, CompactLayer], seconds: dict[str, float]) -> s
     return "dense" if "dense" in candidates else next(iter(candidates))
 
 
-def _layer_inputs(shared: SharedNetwork, task: str, layers: list[SharedLayer], args: tuple[Any, ...],
+def _layer_inputs(shared: SharedNetwork, task: str, names: list[str], args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The input each shared layer gets in one forward of ``task`` on the example (its first call, if several)."""
+    """The input each named layer gets in one forward of ``task`` on the example (its first call, if several)."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name: str) -> Any:
@@ -239,7 +255,7 @@ def _layer_inputs(shared: SharedNetwork, task: str, layers: list[SharedLayer], a
 
         return hook
 
-    handles = [shared.model.get_submodule(layer.name).register_forward_hook(keep(layer.name)) for layer in layers]
+    handles = [shared.model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
     try:
         with torch.no_grad():
             shared(task, *args, **kwargs)

@@ -24,11 +24,12 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as prune_utils
 
 from ._blocks import BlockGrid, parse_block_shape
 
-__all__ = ["FREE", "PRUNABLE_TYPES", "PRUNE_SCOPES", "PruneScope", "Reuse", "SharedLayer", "SharedNetwork", "TaskRecord", "UnknownTaskError",
-           "head_prefixes"]
+__all__ = ["FREE", "PRUNABLE_TYPES", "PRUNE_SCOPES", "PruneScope", "Reuse", "SharedLayer", "SharedNetwork", "TaskRecord",
+           "UnknownTaskError", "head_prefixes"]
 
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 Reuse = Literal["learned", "all", "none"]
@@ -360,6 +361,14 @@ class SharedNetwork(nn.Module):
         task = self._require_in_progress()
         for layer in self.shared_layers():
             layer.prune(len(self.tasks) - 1, task, ratio, scope)
+        if scope == "active":
+            for module in self._head_layers(task.name):
+                prune_utils.custom_from_mask(module, "weight", _strongest_blocks(module, task.block_shape, ratio))
+
+    def _head_layers(self, name: str) -> list[nn.Module]:
+        """The Conv/ConvTranspose/Linear layers of task ``name``'s own head (e.g. its SISR tail)."""
+        prefixes = head_prefixes(self.task_heads, name)
+        return [m for n, m in self.model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n.startswith(prefixes)]
 
     def fix_selection(self) -> None:
         """Freeze the in-progress task's learned selection of earlier blocks (binarised at 0)."""
@@ -375,6 +384,9 @@ class SharedNetwork(nn.Module):
             task.local_state = self._live_local_state()
         for layer in self.shared_layers():
             layer.commit(index, task)
+        for module in self._head_layers(task.name):
+            if prune_utils.is_pruned(module):  # the active scope pruned its head: keep the zeros, drop the mask
+                prune_utils.remove(module, "weight")
         task.committed = True
         self._active = None
         self.activate(task.name)
@@ -491,6 +503,24 @@ class SharedNetwork(nn.Module):
         for layer in self.shared_layers():
             layer.map_masks(fn)
         return self
+
+
+def _strongest_blocks(module: nn.Module, block_shape: tuple[int, int], ratio: float) -> torch.Tensor:
+    """A weight-shaped 0/1 mask keeping the ``1 - ratio`` share of the layer's blocks of highest RMS (at least one),
+    blocks cut from its (output x input) channel plane as the shared layers' are (a task's own head, pruned)."""
+    weight = module.weight.detach()
+    transposed = bool(getattr(module, "transposed", False))
+    squares = (weight.float() ** 2).reshape(weight.shape[0], weight.shape[1], -1).sum(-1)
+    plane = squares.T if transposed else squares
+    grid = BlockGrid(tuple(plane.shape), block_shape)  # type: ignore[arg-type]
+    sizes = grid.block_sum(torch.ones_like(plane))
+    rms = torch.sqrt(grid.block_sum(plane) / sizes)
+    keep = max(1, grid.num_blocks - round(ratio * grid.num_blocks))
+    top = torch.zeros(grid.num_blocks, dtype=torch.bool, device=weight.device)
+    top[torch.argsort(rms.flatten(), descending=True, stable=True)[:keep]] = True
+    kept = grid.expand(top.reshape(grid.shape))
+    kept = kept.T if transposed else kept
+    return kept.reshape(kept.shape + (1,) * (weight.dim() - 2)).expand_as(weight).to(weight.dtype)
 
 
 def _key(name: str) -> str:

@@ -67,3 +67,40 @@ def test_an_unknown_scope_is_refused_by_name() -> None:
     shared.begin_task("a", block_shape=(2, 64))
     with pytest.raises(ValueError, match="prune scope 'some' is not one of own, active"):
         shared.prune(0.5, "some")  # type: ignore[arg-type]
+
+
+class _WithHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 16, 3, padding=1)
+        self.heads = nn.ModuleDict({t: nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                                                     nn.Conv2d(16, 3, 3, padding=1)) for t in ("a", "b")})
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.heads[task](torch.relu(self.body(x)))
+
+
+def test_the_active_scope_prunes_the_tasks_own_head_too_and_compacts_it() -> None:
+    torch.manual_seed(0)
+    shared = SharedNetwork(_WithHeads(), task_heads=["heads"], task_arg="task")
+    shared.begin_task("a", block_shape=(4, 64))
+    shared.fix_selection()
+    shared.prune(0.5, "own")
+    shared.commit()
+    head_a = shared.model.heads["a"][0].weight.detach().clone()
+    before = shared.fingerprint("a")
+    shared.begin_task("b", block_shape=(4, 64))
+    shared.fix_selection()
+    shared.prune(0.25)  # a gradual schedule: first a quarter, then half
+    shared.prune(0.5, "active")
+    shared.commit()
+    assert sorted(n for n, _ in shared.model.heads["b"].named_parameters()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    zero_rows = (shared.model.heads["b"][0].weight.detach().flatten(1).abs().sum(1) == 0).sum()
+    assert int(zero_rows) == 8  # half of the 16 output rows, in blocks of 4, were pruned and stay zero
+    assert torch.equal(shared.model.heads["a"][0].weight, head_a) and shared.fingerprint("a") == before
+    compact = compact_task(shared, "b")
+    plans = {p.layer: p for p in compact.plans}
+    assert plans["heads.b.0"].outputs == (8, 16) and plans["body"].outputs == (8, 16)
+    x = torch.randn(1, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(compact(x), shared("b", x), atol=1e-5)
