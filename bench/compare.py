@@ -114,79 +114,93 @@ def _max_error(a: Any, b: Any) -> float:
     return float((a - b).abs().max())
 
 
-def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation: ImageSet, device: str = "cpu",
-                  seed: int = 0, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Any]]:
-    """Train and measure every system; returns the per-task rows and a per-system summary."""
-    family = get_family(family_name, list(budget.tasks), **budget.arch)
-    quiet = lambda message: None  # noqa: E731 - stage logs would drown the benchmark's own
-    first_image = evaluation.limit(1)  # the stage-time check; every system is measured on the whole set below
-    rows: list[Row] = []
-    latency_input = torch.rand(1, 3, budget.latency_size, budget.latency_size,
-                               generator=torch.Generator().manual_seed(seed)).to(device)
-    cost_input = family.cost_inputs(budget.tasks[0])[0].to(device)
-    timings: dict[str, float] = {}
+@dataclass
+class _Trained:
+    """Every system of a run, trained: PnG jobs by block spec, separate jobs by task, the joint model."""
 
+    separate: dict[str, Any]
+    png: dict[str, Any]
+    joint: Any
+    seconds: dict[str, float]
+
+
+def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image: ImageSet, device: str, seed: int,
+                   log: Callable[[str], None]) -> _Trained:
+    """Train the separate models, one PnG model per block spec and the joint model under one budget."""
+    quiet = lambda message: None  # noqa: E731 - stage logs would drown the benchmark's own
+    seconds: dict[str, float] = {}
     start = time.perf_counter()
     separate = {}
     for task in budget.tasks:
         log(f"separate {task}: {budget.steps} steps")
-        one = get_family(family_name, [task], **budget.arch)
+        one = get_family(family.name, [task], **budget.arch)
         separate[task] = train_shared(one, [_stage_settings(budget, None, seed)], train, first_image, quiet, device)
-    timings["separate"] = time.perf_counter() - start
-
+    seconds["separate"] = time.perf_counter() - start
     png = {}
     for shape in budget.block_shapes:
         start = time.perf_counter()
         log(f"{_system(shape)}: {len(budget.tasks)} stages of {budget.steps} steps")
         settings = [_stage_settings(budget, shape, seed)] * len(budget.tasks)
         png[shape] = train_shared(family, settings, train, first_image, quiet, device)
-        timings[_system(shape)] = time.perf_counter() - start
-
+        seconds[_system(shape)] = time.perf_counter() - start
     start = time.perf_counter()
     log(f"joint: {budget.steps * len(budget.tasks)} steps over all tasks")
     joint = build_joint(family).to(device)
     sampler = PatchSampler(train, max(family.patch_size(t) for t in family.tasks), seed=seed)
     train_joint(joint, family, sampler, budget.steps, budget.batch_size, budget.lr, seed, quiet)
-    timings["joint"] = time.perf_counter() - start
+    seconds["joint"] = time.perf_counter() - start
+    return _Trained(separate, png, joint, seconds)
 
+
+def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation: ImageSet, device: str = "cpu",
+                  seed: int = 0, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Any]]:
+    """Train and measure every system; returns the per-task rows and a per-system summary."""
+    family = get_family(family_name, list(budget.tasks), **budget.arch)
+    # The first image checks each stage as it ends; every system is measured on the whole set below.
+    trained = _train_systems(family, budget, train, evaluation.limit(1), device, seed, log)
     # "One dense model" is the mean of the separate ones (SISR's tails differ in size by scale).
-    dense_params = round(statistics.mean(model_cost(job.shared).stored_params for job in separate.values()))
+    dense_params = round(statistics.mean(model_cost(job.shared).stored_params for job in trained.separate.values()))
     stored = {
-        "separate": sum(model_cost(job.shared).stored_params for job in separate.values()),
-        "joint": sum(p.numel() for p in joint.model.parameters()),
-        **{_system(shape): model_cost(job.shared).stored_params for shape, job in png.items()},
+        "separate": sum(model_cost(job.shared).stored_params for job in trained.separate.values()),
+        "joint": sum(p.numel() for p in trained.joint.model.parameters()),
+        **{_system(shape): model_cost(job.shared).stored_params for shape, job in trained.png.items()},
     }
     log("measuring quality, MACs and latency")
-    for task in budget.tasks:
-        exported = compact_task(separate[task].shared, task, strategies=("dense",))
-        compacted = {shape: compact_task(job.shared, task, latency_input) for shape, job in png.items()}
-        runs: dict[str, Callable[[], Any]] = {
-            "separate": lambda: exported(latency_input),
-            "joint": lambda: joint(task, latency_input),
-        }
-        for shape, job in png.items():
-            runs[_system(shape)] = lambda job=job: job.shared(task, latency_input)
-            runs[_system(shape) + "/compact"] = lambda c=compacted[shape]: c(latency_input)
-        ms = median_latencies(runs, budget.latency_rounds, torch.device(device), warmup=1)
-        rows.append(Row("separate", task, family.evaluate(separate[task].shared, task, evaluation),
-                        count_macs(exported, cost_input), ms["separate"], stored["separate"], dense_params))
-        for shape, job in png.items():
-            compact = compacted[shape]
-            with torch.no_grad():
-                error = _max_error(compact(latency_input), job.shared(task, latency_input))
-            stage = next(s for s in job.stages if s.task == task)
-            system = _system(shape)
-            rows.append(Row(system, task, family.evaluate(job.shared, task, evaluation), stage.cost.macs,
-                            ms[system], stored[system], dense_params,
-                            compact_latency_ms=ms[system + "/compact"], compact_macs=count_macs(compact, cost_input),
-                            compact_params=compact.parameter_count(), compact_max_error=error,
-                            extra={"density": stage.cost.density, "dense_macs": stage.cost.dense_macs,
-                                   "compact_layers": ",".join(p.strategy for p in compact.plans)}))
-        joint_macs = count_macs(joint, task, cost_input)
-        rows.append(Row("joint", task, family.evaluate(joint, task, evaluation), joint_macs,  # type: ignore[arg-type]
-                        ms["joint"], stored["joint"], dense_params))
-    summary = _summary(family, rows, stored, dense_params, timings)
-    return rows, summary
+    latency_input = torch.rand(1, 3, budget.latency_size, budget.latency_size,
+                               generator=torch.Generator().manual_seed(seed)).to(device)
+    rows = [row for task in budget.tasks
+            for row in _measure_task(family, task, trained, evaluation, budget, latency_input, stored, dense_params)]
+    return rows, _summary(family, rows, stored, dense_params, trained.seconds)
+
+
+def _measure_task(family: Family, task: str, trained: _Trained, evaluation: ImageSet, budget: Budget,
+                  latency_input: torch.Tensor, stored: dict[str, int], dense_params: int) -> list[Row]:
+    """One task's row for every system: quality, MACs, and latency taken in turns (PnG also compacted)."""
+    cost_input = family.cost_inputs(task)[0].to(latency_input.device)
+    exported = compact_task(trained.separate[task].shared, task, strategies=("dense",))
+    compacted = {shape: compact_task(job.shared, task, latency_input) for shape, job in trained.png.items()}
+    runs: dict[str, Callable[[], Any]] = {"separate": lambda: exported(latency_input),
+                                          "joint": lambda: trained.joint(task, latency_input)}
+    for shape, job in trained.png.items():
+        runs[_system(shape)] = lambda job=job: job.shared(task, latency_input)
+        runs[_system(shape) + "/compact"] = lambda c=compacted[shape]: c(latency_input)
+    ms = median_latencies(runs, budget.latency_rounds, latency_input.device, warmup=1)
+    rows = [Row("separate", task, family.evaluate(trained.separate[task].shared, task, evaluation),
+                count_macs(exported, cost_input), ms["separate"], stored["separate"], dense_params)]
+    for shape, job in trained.png.items():
+        compact, system = compacted[shape], _system(shape)
+        with torch.no_grad():
+            error = _max_error(compact(latency_input), job.shared(task, latency_input))
+        stage = next(s for s in job.stages if s.task == task)
+        rows.append(Row(system, task, family.evaluate(job.shared, task, evaluation), stage.cost.macs,
+                        ms[system], stored[system], dense_params,
+                        compact_latency_ms=ms[system + "/compact"], compact_macs=count_macs(compact, cost_input),
+                        compact_params=compact.parameter_count(), compact_max_error=error,
+                        extra={"density": stage.cost.density, "dense_macs": stage.cost.dense_macs,
+                               "compact_layers": ",".join(p.strategy for p in compact.plans)}))
+    rows.append(Row("joint", task, family.evaluate(trained.joint, task, evaluation),  # type: ignore[arg-type]
+                    count_macs(trained.joint, task, cost_input), ms["joint"], stored["joint"], dense_params))
+    return rows
 
 
 def _summary(family: Family, rows: list[Row], stored: dict[str, int], dense_params: int,
@@ -303,8 +317,26 @@ def machine(device: str) -> str:
     return f"{torch.get_num_threads()} CPU threads ({cpu}), torch {torch.__version__}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench sisr --quick``: train and measure every system, write Parquet, Markdown and a PNG plot."""
+def write_compressai_results(rows: list[Row], stem: Path, description: str) -> list[Path]:
+    """Each system's rate-distortion figures in CompressAI's results format (the writer ``pngrow eval`` uses), as
+    ``<stem>-<system>.compressai.json``: ``python -m compressai.utils.plot -f ...`` draws them beside CompressAI's
+    published curves. The bench times forward passes, not coding: encoding and decoding times are null."""
+    from pngrow.pipeline.evaluate import RateFigures, codec_results, rate_order
+    from pngrow.workers.models.nic import lambda_of
+
+    paths = []
+    for system in dict.fromkeys(r.system for r in rows):
+        rates = rate_order([RateFigures(r.task, lambda_of(r.task), {"psnr-rgb": r.metrics["psnr"],
+                                                                     "ms-ssim-rgb": r.metrics["ms_ssim"],
+                                                                     "bpp": r.metrics["bpp"]})
+                            for r in rows if r.system == system])
+        path = Path(f"{stem}-{system}.compressai.json")
+        path.write_text(json.dumps(codec_results(system, description, rates), indent=2) + "\n")
+        paths.append(path)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("family", choices=sorted({f for f, _ in BUDGETS}))
     budget_group = parser.add_mutually_exclusive_group()
@@ -328,9 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    budget_name = args.budget or "quick"
-    budget = BUDGETS[(args.family, budget_name)]
+    return parser
+
+
+def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget:
+    """The named budget with the command line's overrides, each checked (a bad one ends with one line)."""
+    budget = BUDGETS[(args.family, args.budget or "quick")]
     for name in ("steps", "batch_size", "latency_size", "latency_rounds"):  # Budget fields of the same names
         value = getattr(args, name)
         if value is not None:
@@ -351,6 +386,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.reuse_penalty >= 0:
             parser.error(f"--reuse-penalty {args.reuse_penalty} must be at least 0")
         budget = replace(budget, reuse_penalty=args.reuse_penalty)
+    return budget
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench sisr --quick``: train and measure every system, write Parquet, Markdown and a PNG plot
+    (and, for NIC, each system's CompressAI results file)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    budget_name = args.budget or "quick"
+    budget = _budget(parser, args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here")
     eval_folder = args.eval or DATASETS / ("kodak" if args.family == "nic" else "set5")
@@ -377,5 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps({**summary, "budget": asdict(budget), "seconds": seconds,
                                                     "machine": machine(args.device)}, indent=2))
     plot(rows, args.family, stem.with_suffix(".png"))
+    if args.family == "nic":
+        write_compressai_results(rows, stem, header)
     print(stem.with_suffix(".md").read_text())
     return 0

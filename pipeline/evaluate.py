@@ -9,6 +9,7 @@ CompressAI's published curves); SISR models give PSNR-Y and SSIM-Y per scale as 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from ..workers.metrics import ms_ssim, psnr, psnr_y, ssim_y
 from ..workers.models import Codec, Upscaler
 from .api import RestorationModel
 
-__all__ = ["CODEC_KEYS", "RateFigures", "codec_results", "evaluate", "measure_codec", "measure_upscaler"]
+__all__ = ["CODEC_KEYS", "RateFigures", "codec_results", "evaluate", "measure_codec", "measure_upscaler", "rate_order"]
 
 # CompressAI's eval_model result keys, in its order; plot reads "bpp" and "<metric>-rgb".
 CODEC_KEYS = ("psnr-rgb", "ms-ssim-rgb", "bpp", "encoding_time", "decoding_time")
@@ -44,6 +45,11 @@ def _array(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).contiguous().numpy()
 
 
+def rate_order(rates: list[RateFigures]) -> list[RateFigures]:
+    """Rates from the lowest lambda (rate) up, as CompressAI lists them."""
+    return sorted(rates, key=lambda r: r.lmbda)
+
+
 def measure_codec(model: RestorationModel, images: ImageSet) -> list[RateFigures]:
     """Code and decode every image at every rate through the pngrow bitstream, timing each; rates by lambda."""
     rates = []
@@ -63,14 +69,18 @@ def measure_codec(model: RestorationModel, images: ImageSet) -> list[RateFigures
             sums["encoding_time"] += middle - start
             sums["decoding_time"] += end - middle
         rates.append(RateFigures(task, model.family.rd_lambda(task), {k: v / len(images) for k, v in sums.items()}))
-    return sorted(rates, key=lambda r: r.lmbda)
+    return rate_order(rates)
 
 
 def codec_results(name: str, description: str, rates: list[RateFigures]) -> dict[str, Any]:
     """CompressAI's eval_model JSON: ``name``, ``description`` and ``results`` (a list per key, one entry per rate
-    in rate order); pngrow's task names ride along under ``tasks``, which CompressAI's tools ignore."""
+    in rate order; a figure not measured is null); pngrow's task names ride along under ``tasks``, which
+    CompressAI's tools ignore."""
+    def value(figure: float | None) -> float | None:  # not measured (NaN or missing): JSON null
+        return None if figure is None or math.isnan(figure) else figure
+
     return {"name": name, "description": description,
-            "results": {key: [r.figures[key] for r in rates] for key in CODEC_KEYS},
+            "results": {key: [value(r.figures.get(key)) for r in rates] for key in CODEC_KEYS},
             "tasks": [r.task for r in rates]}
 
 

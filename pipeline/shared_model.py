@@ -95,7 +95,6 @@ def package_code(dest: str | os.PathLike) -> str:
     ``dest/pngrow``, for ``code_paths``; returns that folder."""
     import importlib
     import shutil
-    import sys
     from pathlib import Path
 
     import pngrow
@@ -103,10 +102,9 @@ def package_code(dest: str | os.PathLike) -> str:
     root = Path(dest) / "pngrow"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(Path(pngrow.__file__).parent, root, ignore=ignore)
-    loaded = {name.split(".")[1] for name in sys.modules if name.startswith("pngrow.")}
-    for name in sorted(set(_SUBPACKAGES) | loaded):
+    for name in _SUBPACKAGES:  # the editable install maps these to folders outside pngrow/
         module = importlib.import_module(f"pngrow.{name}")
-        if hasattr(module, "__path__") and not (root / name).exists():
+        if not (root / name).exists():
             shutil.copytree(Path(module.__file__).parent, root / name, ignore=ignore)
     return str(root)
 

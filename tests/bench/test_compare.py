@@ -128,3 +128,16 @@ def test_bad_arguments_get_one_line_naming_them(argv, message, capsys, monkeypat
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_nic_rows_are_written_in_compressai_results_format(tmp_path: Path) -> None:
+    rows = [_row("separate", task, psnr=30.0 + i, ms_ssim=0.9, bpp=0.1 * (i + 1))
+            for i, task in enumerate(["q1", "q3", "q5"])]
+    rows.insert(0, rows.pop())  # measured in another order (q5 first): written in rate order
+    [path] = compare.write_compressai_results(rows, tmp_path / "nic-quick", "demo")
+    document = json.loads(path.read_text())
+    assert path.name == "nic-quick-separate.compressai.json" and document["name"] == "separate"
+    assert document["tasks"] == ["q1", "q3", "q5"]
+    assert document["results"]["psnr-rgb"] == [30.0, 31.0, 32.0] and document["results"]["bpp"] == pytest.approx(
+        [0.1, 0.2, 0.3])
+    assert document["results"]["encoding_time"] == [None, None, None]  # the bench does not time coding

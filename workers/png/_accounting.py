@@ -117,7 +117,8 @@ def count_macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
 def task_cost(shared: SharedNetwork, task: str, *inputs: Any, **kwargs: Any) -> TaskCost:
     """Count ``task``'s density, active parameters and MACs for one forward on ``inputs``.
 
-    MACs are those of Conv/ConvTranspose/Linear layers, counting only active blocks of shared layers.
+    MACs are those of Conv/ConvTranspose/Linear layers, counting only active blocks of shared layers and the non-zero
+    weights of the others (a head the active pruning scope pruned).
 
     >>> net = SharedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)))
     >>> net.begin_task("a", (4, 3)); net.prune(0.5); net.commit()
@@ -146,8 +147,8 @@ def task_cost(shared: SharedNetwork, task: str, *inputs: Any, **kwargs: Any) -> 
         prunable_total += layer.weight.numel()
     for module, count in uses.items():
         layer = shared_modules.get(module)
-        if layer is None:
-            macs += module.weight.numel() * count
+        if layer is None:  # a head or other unshared layer: its zero weights (a pruned head) are not computed
+            macs += int(torch.count_nonzero(module.weight.detach())) * count
             dense_macs += module.weight.numel() * count
         else:
             macs += _active_plane(layer, index, record) * layer.kernel_numel * count
