@@ -16,8 +16,8 @@ import yaml
 
 from .._validation import ConfigError, check_keys, typed
 
-__all__ = ["COST_OBJECTIVES", "RayOptions", "SearchConfig", "flat_params", "load_config", "public_config", "redact",
-           "tracking_uri"]
+__all__ = ["COST_OBJECTIVES", "RAY_DEVICES", "RayOptions", "SearchConfig", "flat_params", "load_config",
+           "public_config", "redact", "tracking_uri"]
 
 
 def tracking_uri(uri: str | None = None, workdir: str = "pngrow-runs") -> str:
@@ -41,15 +41,22 @@ _TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "ob
         "tracking", "optuna_storage", "ray", "workdir", "init", "base_model"}
 
 
+RAY_DEVICES = ("auto", "cpu", "cuda")  # RayOptions.device
+
+
 @dataclass(frozen=True)
 class RayOptions:
-    """Where trials run: ``address`` of a Ray cluster (None: in-process Ray on this machine's CPUs)."""
+    """Where trials run: ``address`` of a Ray cluster (None: the Ray job's cluster inside ``ray job submit``, else
+    Ray started in this process on this machine's CPUs; ``auto``, ``host:port`` and ``ray://...`` are Ray's), and on
+    what: ``device`` ``auto`` trains on a GPU where Ray assigned one and CUDA works (else on the CPU, with a warning
+    on the trial's run), ``cpu`` never asks for GPUs, ``cuda`` fails a trial whose node lacks a working GPU."""
 
     address: str | None = None
-    num_cpus: int | None = None  # in-process Ray only
+    num_cpus: int | None = None  # Ray started here only
     cpus_per_trial: int = 1
-    gpus_per_trial: float = 1.0  # asked for only when the cluster has GPUs
+    gpus_per_trial: float = 1.0  # asked for only when the cluster has GPUs and device is not cpu
     max_retries: int = 1  # reruns of a trial whose worker died
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,18 @@ def _ray_options(raw: Any, where: str) -> RayOptions:
         gpus_per_trial=_not_negative(typed(raw.get("gpus_per_trial", 1.0), f"{where} field 'gpus_per_trial'", float),
                                      f"{where} field 'gpus_per_trial'"),
         max_retries=typed(raw.get("max_retries", 1), f"{where} field 'max_retries'", int),
+        device=_device(raw, where),
     )
+
+
+def _device(raw: Any, where: str) -> str:
+    """The ``device`` field: one of :data:`RAY_DEVICES`; ``cuda`` needs GPUs per trial."""
+    device = typed(raw.get("device", "auto"), f"{where} field 'device'", str)
+    if device not in RAY_DEVICES:
+        raise ConfigError(f"{where} field 'device' is {device!r}, not one of {', '.join(RAY_DEVICES)}")
+    if device == "cuda" and raw.get("gpus_per_trial", 1.0) == 0:
+        raise ConfigError(f"{where} field 'device' is 'cuda' but 'gpus_per_trial' is 0: a trial would get no GPU")
+    return device
 
 
 def _read(path: str | Path, where: str, overrides: dict[str, Any]) -> dict[str, Any]:

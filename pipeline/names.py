@@ -5,9 +5,9 @@ Searches already stored read by these names: change none of the values.
 
 from __future__ import annotations
 
-__all__ = ["ATTEMPTS", "CHOSEN_TRIAL_RUN", "COST", "ERROR", "FAMILY", "FINAL_STAGE_RUN",
+__all__ = ["ATTEMPTS", "CHOSEN_TRIAL_RUN", "COST", "DEVICE_WARNING", "ERROR", "FAMILY", "FINAL_STAGE_RUN",
            "FINGERPRINT", "GROWN_FROM_MODEL", "GROWN_FROM_RUN", "KIND", "Kind", "MODEL_URI",
-           "OPTUNA_STUDY", "OPTUNA_TRIAL", "PREFIX", "QUALITY", "REPORT_ERROR", "SEARCH_ID",
+           "OPTUNA_STUDY", "OPTUNA_TRIAL", "PREFIX", "QUALITY", "RAY_NODE", "REPORT_ERROR", "SEARCH_ID",
            "SOURCE_RUN", "STAGE_INDEX", "TASK", "TASKS", "TASK_ORDER", "WORKER_NODE",
            "WORKER_PID", "fingerprint_tag", "is_pngrow_tag"]
 
@@ -49,6 +49,8 @@ CHOSEN_TRIAL_RUN = PREFIX + "chosen_trial_run"
 FINGERPRINT = PREFIX + "fingerprint"  # of the task as committed; on a search, ``fingerprint.<task>`` per task
 WORKER_PID = PREFIX + "worker_pid"
 WORKER_NODE = PREFIX + "worker_node"
+RAY_NODE = PREFIX + "ray_node"  # the Ray node id the trial ran on
+DEVICE_WARNING = PREFIX + "device_warning"  # why a trial trained on another device than Ray assigned it
 # Any run's.
 ERROR = PREFIX + "error"  # the failure line of a failed run
 

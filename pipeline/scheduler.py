@@ -114,7 +114,8 @@ class _StudyRun:
         spec = TrialSpec(ctx.tracking.uri, run_id, family.name, family.tasks, family.arch, self.task, self.parent,
                          settings, config.train_data, config.eval_data, config.eval_limit,
                          config.init if self.parent is None else None, config.ray.cpus_per_trial, ctx.cluster.device,
-                         config.latency_rounds if config.measures_latency else 0, config.latency_size or None)
+                         config.latency_rounds if config.measures_latency else 0, config.latency_size or None,
+                         device_setting=config.ray.device)
         self.pending[ctx.cluster.submit(run_trial, spec)] = (trial, run_id)
 
     def _collect(self, ref: Any) -> None:

@@ -23,6 +23,7 @@ from ..workers.models import Family, get_family, load_model
 from ..workers.png import SharedNetwork, model_cost, task_cost
 from ..workers.training import StageSettings, run_stage
 from . import names
+from .cluster import gpu_ids, node_id, worker_device
 from .object_store import fetch_folder, is_s3
 from .tracking import Tracking
 
@@ -48,9 +49,10 @@ class TrialSpec:
     eval_limit: int | None = None
     init: str | None = None
     threads: int = 1
-    device: str = "cpu"
+    device: str = "cpu"  # what the driver asked Ray for: cuda (GPUs) or cpu
     latency_rounds: int = 0  # time the compacted task this many rounds (0: not at all)
     latency_size: int | None = None  # side of the latency input; None: the family's
+    device_setting: str = "auto"  # ray.device: what to do where Ray's GPU has no working CUDA (see worker_device)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,12 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     begun = time.time()
     torch.set_num_threads(max(1, spec.threads))
     tracking = Tracking(spec.tracking_uri)
-    tracking.log(spec.run_id, tags={names.WORKER_PID: os.getpid(), names.WORKER_NODE: socket.gethostname()})
+    node = node_id()
+    tracking.log(spec.run_id, tags={names.WORKER_PID: os.getpid(), names.WORKER_NODE: socket.gethostname(),
+                                    names.RAY_NODE: node})
+    device, warning = worker_device(spec.device, spec.device_setting, torch.cuda.is_available(), gpu_ids(), node)
+    if warning:
+        tracking.log(spec.run_id, tags={names.DEVICE_WARNING: warning})
     settings = StageSettings(**spec.settings)
     with tempfile.TemporaryDirectory(prefix="pngrow-trial-") as tmp:
         scratch = Path(tmp)
@@ -165,7 +172,7 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
             if family.arch != get_family(spec.family, spec.tasks, **spec.arch).arch:
                 raise ValueError(f"run {spec.parent_run}'s model {family.architecture()} is not this search's "
                                  f"{spec.family} model {spec.arch}")
-        shared.to(spec.device)
+        shared.to(device)
         train = load_images(spec.train_data, "train", scratch)
         evaluation = load_images(spec.eval_data, "eval", scratch).limit(spec.eval_limit)
         sampler = PatchSampler(train, max(family.patch_size(t) for t in family.tasks), seed=settings.seed)
@@ -207,7 +214,7 @@ def evaluate_model(spec: EvaluationSpec) -> dict[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="pngrow-eval-") as tmp:
         checkpoint = Tracking(spec.tracking_uri).download_checkpoint(spec.run_id, Path(tmp) / "checkpoint")
         family, shared = load_model(checkpoint)
-        shared.to(spec.device).eval()
+        shared.to(worker_device(spec.device, "auto", torch.cuda.is_available())[0]).eval()
         evaluation = load_images(spec.eval_data, "eval", Path(tmp)).limit(spec.eval_limit)
         result = {}
         for task in spec.tasks or shared.task_names:
