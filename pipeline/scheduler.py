@@ -61,6 +61,8 @@ def _commit(ctx: SearchContext, summary: StageSummary) -> None:
     """Copy the chosen trial's checkpoint, settings and figures to the stage run, and end it."""
     chosen, tracking = summary.chosen, ctx.tracking
     tracking.copy_checkpoint(chosen.run_id, summary.run_id)
+    for run in (summary.run_id, ctx.search_id):  # the UI's Datasets column: what trained the stage and the search
+        tracking.copy_datasets(chosen.run_id, run)
     tracking.log(summary.run_id, params=tracking.run(chosen.run_id).data.params,
                  metrics={**chosen.metric_record(timings=False), "trials_finished": summary.finished,
                           "trials_failed": summary.failed, "pareto_front_size": len(summary.front)},

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ServiceError, failure_line
 from . import names
-from .cluster import Cluster
+from .cluster import Cluster, probe, ray_target
 from .config import SearchConfig, flat_params, public_config, redact
 from .final_check import DRIFT_TOLERANCE, final_check
 from .names import Kind
@@ -75,6 +75,7 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
     config = plan.config
     start = time.time()
     check_services(config)
+    probe(ray_target(config.ray))  # a Ray address that does not answer: one line, before any run is created
     if config.local_artifact_root() or not config.optuna_storage:  # local artifacts or the default SQLite study
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
@@ -86,8 +87,8 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
     try:
         cluster = Cluster(config.ray)
         ctx = SearchContext(plan, tracking, cluster, search_id, log)
-        log(f"Ray: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; trials train on {cluster.device}, "
-            f"{ctx.parallel} at a time")
+        log(f"Ray: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; trials ask for "
+            f"{'a GPU' if cluster.device == 'cuda' else 'CPUs'} (device {config.ray.device}), {ctx.parallel} at a time")
         stages = _run_stages(ctx, resumed is not None)
         return _finish(ctx, stages, final_check(ctx, stages), start)
     except BaseException as exc:

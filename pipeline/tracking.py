@@ -240,6 +240,14 @@ class Tracking:
         dataset = MetaDataset(origin, name=name, digest=digest)._to_mlflow_entity()
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
+    def copy_datasets(self, source_run: str, dest_run: str) -> None:
+        """Record on ``dest_run`` the datasets ``source_run`` used (a stage and its search show their trials' data)."""
+        inputs = self.run(source_run).inputs.dataset_inputs
+        known = {(d.dataset.name, d.dataset.digest) for d in self.run(dest_run).inputs.dataset_inputs}
+        new = [d for d in inputs if (d.dataset.name, d.dataset.digest) not in known]
+        if new:
+            self.client.log_inputs(dest_run, datasets=new)
+
     def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
         """``data`` as the run's JSON artifact ``path``."""
         self.client.log_dict(run_id, data, path)

@@ -225,32 +225,102 @@ class MlflowServer:
 @dataclass
 class RayHead:
     """A Ray head started with ``ray start --block`` (token authentication on); ended by its PID, never
-    ``ray stop``, which would end every Ray process on the machine."""
+    ``ray stop``, which would end every Ray process on the machine. With ``dashboard`` its dashboard (and so the Jobs
+    API) listens on 127.0.0.1:``dashboard_port``."""
 
     root: Path
     num_cpus: int = 2
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     address: str = ""
     process: subprocess.Popen | None = None
+    dashboard: bool = False
+    dashboard_port: int = 0
+    num_gpus: int = 0
 
     def env(self) -> dict[str, str]:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
     def start(self) -> None:
-        port = free_ports(1)[0]
+        port, self.dashboard_port, *agent = free_ports(5)
         self.address = f"127.0.0.1:{port}"
+        dashboard = ["--include-dashboard=false"]
+        if self.dashboard:
+            dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                         f"--dashboard-port={self.dashboard_port}"]
         self.process = spawn(
             [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--include-dashboard=false",
+             f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}", *dashboard, *_node_ports(agent),
              f"--temp-dir={self.root}", "--block"],
             self.root.parent / "ray-head.log", env=self.env(),
         )
         wait_until(lambda: (self.root / "session_latest").exists() and _port_open(port), "Ray head", self.process,
                    log=self.root.parent / "ray-head.log")
+        if self.dashboard:
+            wait_until(lambda: _port_open(self.dashboard_port), "Ray dashboard", self.process, timeout=120,
+                       log=self.root.parent / "ray-head.log")
 
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process, timeout=30)
+
+
+@dataclass
+class RayNode:
+    """A Ray worker node joining ``head`` (``ray start --address ... --block``) with its own resources, as a machine
+    of a cluster would; ended by its PID. ``log`` is where its output goes."""
+
+    head: RayHead
+    log: Path
+    num_cpus: int = 1
+    num_gpus: int = 0
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = spawn(
+            [str(BIN / "ray"), "start", f"--address={self.head.address}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}", *_node_ports(free_ports(3)), "--block"],
+            self.log, env=self.head.env(),
+        )
+        wait_until(lambda: b"Ray runtime started" in self.log.read_bytes(), "Ray worker node", self.process,
+                   timeout=240, log=self.log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, timeout=30)
+
+
+def _node_ports(ports: list[int]) -> list[str]:
+    """A node's own agent ports (their defaults would clash between nodes on one machine)."""
+    names = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    return [f"{name}={port}" for name, port in zip(names, ports)]
+
+
+def cluster_nodes(head: RayHead, count: int, timeout: float = 240) -> dict[str, dict[str, float]]:
+    """The resources of each alive node of the cluster (by node id), once ``count`` nodes have joined; asked of the
+    head's GCS by a short-lived driver process, so that this process stays out of Ray."""
+    import json
+
+    nodes: dict[str, dict[str, float]] = {}
+
+    def joined() -> bool:
+        nonlocal nodes
+        done = subprocess.run(
+            [str(BIN / "python"), "-c", "import json, ray; ray.init(address='" + head.address + "', "
+             "logging_level='ERROR'); print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() "
+             "if n['Alive']}))"],
+            capture_output=True, text=True, env={**os.environ, **head.env()}, timeout=120)
+        lines = done.stdout.strip().splitlines()
+        nodes = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
+        if len(nodes) < count:
+            time.sleep(3)
+        return len(nodes) >= count
+
+    wait_until(joined, f"{count} Ray nodes", head.process, timeout=timeout, log=head.root.parent / "ray-head.log")
+    return nodes
 
 
 def _port_open(port: int) -> bool:

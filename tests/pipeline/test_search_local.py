@@ -120,6 +120,8 @@ def test_tiny_search_runs_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in trial.inputs.dataset_inputs}
     assert inputs["training"].digest == default_images("train").digest
     assert inputs["evaluation"].digest == evaluation.digest and "skimage.data" in inputs["evaluation"].source
+    for run in (search, client.get_run(summary["stages"][1]["run_id"])):  # shown on the stage and search rows too
+        assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {inputs["training"].digest, evaluation.digest}
     capsys.readouterr()
 
     assert main(["status"]) == 0
