@@ -99,7 +99,7 @@ class _Run(_Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add = parser.add_argument
         add("--family", default="sisr", help="model family: sisr (default) or nic")
-        add("--tasks", help="comma-separated task order, e.g. x2,x3,x4 or q6,q4,q2 (family default)")
+        add("--tasks", help="comma-separated task order, e.g. x2,x3,x4 or q2,q4,q6 (family default)")
         add("--arch", action="append", default=[], metavar="KEY=VALUE",
             help="architecture option, e.g. width=64 depth=16 (sisr) or N=128 M=192 codec=... (nic)")
         add("--block-shape", default="4x4", help="OUTxIN channels per block, one or one per task")

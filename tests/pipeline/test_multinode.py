@@ -65,7 +65,7 @@ def test_a_search_submitted_as_a_ray_job_runs_on_the_heads_cluster(root: Path) -
             time.sleep(2)
         logs = client.get_job_logs(job_id)
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
-        assert "Ray: 2 CPUs, 0 GPUs; trials train on cpu, 2 at a time" in logs  # the head's 2 CPUs, not 7
+        assert "Ray: 2 CPUs, 0 GPUs; trials ask for CPUs (device auto), 2 at a time" in logs  # the head's 2 CPUs, not 7
         driver_node = client.get_job_info(job_id).driver_node_id
         summary = json.loads((root / "summary.json").read_text())
         trials = _trials(root)
@@ -94,7 +94,7 @@ def test_trials_spread_over_worker_nodes_and_fall_back_to_the_cpu(root: Path) ->
         driver = subprocess.run([str(BIN / "pngrow"), "search", "search.yaml", "--ray-address", head.address],
                                 capture_output=True, text=True, timeout=600, cwd=root, env={**env, **head.env()})
         assert driver.returncode == 0, driver.stderr[-3000:]
-        assert "Ray: 3 CPUs, 2 GPUs; trials train on cuda, 2 at a time" in driver.stdout
+        assert "Ray: 3 CPUs, 2 GPUs; trials ask for a GPU (device auto), 2 at a time" in driver.stdout
         trials = _trials(root)
         assert len(trials) == 2
         ran_on = [t.data.tags["pngrow.ray_node"] for t in trials]

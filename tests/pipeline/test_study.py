@@ -92,3 +92,27 @@ def test_fastest_within_takes_the_lowest_latency_near_the_best_and_needs_latenci
     assert select("sparsest_within", [fast, sparse, too_bad], True, 0.1).run_id == "sparse"
     with pytest.raises(ValueError, match="needs every trial's latency"):
         select("fastest_within", [Candidate(0, 30.0, 0.5, "x")], True, 0.1)
+
+
+def test_the_optuna_dashboard_shows_each_objective_by_name(tmp_path) -> None:
+    import io
+    import json
+    import sys
+
+    import optuna_dashboard
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_study(storage, "stage", "psnr", "maximize", ["latency", "stored_params"], seed=0)
+    app = optuna_dashboard.wsgi(storage)  # the dashboard's own server, asked as its web page asks it
+
+    def get(path: str) -> dict:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
+                   "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+                   "wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr}
+        status = []
+        body = b"".join(app(environ, lambda code, headers, exc_info=None: status.append(code)))
+        assert status == ["200 OK"]
+        return json.loads(body)
+
+    [summary] = get("/api/studies")["study_summaries"]
+    assert get(f"/api/studies/{summary['study_id']}")["objective_names"] == ["psnr", "latency", "stored_params"]
