@@ -32,7 +32,7 @@ from pngrow.workers.data import ImageSet, PatchSampler, load_folder
 from pngrow.workers.latency import median_latencies
 from pngrow.workers.metrics import bd_rate
 from pngrow.workers.models import Family, get_family
-from pngrow.workers.png import compact_task, count_macs, model_cost, parse_block_shape
+from pngrow.workers.png import check_compaction, compact_task, count_macs, model_cost, parse_block_shape
 from pngrow.workers.training import StageSettings, train_shared
 
 from .baselines import build_joint, train_joint
@@ -106,12 +106,6 @@ def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> Stage
     return StageSettings(block_shape=parse_block_shape(shape), prune_ratio=budget.prune_ratio, grow_steps=grow,
                          prune_steps=prune, finetune_steps=budget.steps - grow - prune, batch_size=budget.batch_size,
                          lr=budget.lr, reuse_penalty=budget.reuse_penalty, prune_scope=scope or "own", seed=seed)
-
-
-def _max_error(a: Any, b: Any) -> float:
-    if isinstance(a, dict):  # a codec's forward: compare the reconstruction
-        a, b = a["x_hat"], b["x_hat"]
-    return float((a - b).abs().max())
 
 
 @dataclass
@@ -189,8 +183,7 @@ def _measure_task(family: Family, task: str, trained: _Trained, evaluation: Imag
                 count_macs(exported, cost_input), ms["separate"], stored["separate"], dense_params)]
     for shape, job in trained.png.items():
         compact, system = compacted[shape], _system(shape)
-        with torch.no_grad():
-            error = _max_error(compact(latency_input), job.shared(task, latency_input))
+        error = check_compaction(compact, job.shared, (latency_input,))  # a mismatch ends the run, named
         stage = next(s for s in job.stages if s.task == task)
         rows.append(Row(system, task, family.evaluate(job.shared, task, evaluation), stage.cost.macs,
                         ms[system], stored[system], dense_params,

@@ -23,6 +23,7 @@ from .png import SharedNetwork, check_compaction, compact_task
 
 __all__ = ["TaskSpeed", "median_latencies", "task_speed"]
 
+
 @dataclass(frozen=True)
 class TaskSpeed:
     """Median latency of one forward of a task, compacted and as the dense model, on the same input and device."""
@@ -35,9 +36,6 @@ class TaskSpeed:
     @property
     def speedup(self) -> float:
         return self.dense_latency_ms / self.latency_ms
-
-    def as_metrics(self) -> dict[str, float]:
-        return {"latency_ms": self.latency_ms, "dense_latency_ms": self.dense_latency_ms, "speedup": self.speedup}
 
 
 def median_latencies(runs: dict[str, Callable[[], Any]], rounds: int, device: torch.device,
