@@ -248,8 +248,8 @@ def _search_summary(result: Any) -> dict[str, Any]:
         "wall_seconds": result.wall_seconds, "train_seconds": result.train_seconds, "overhead": result.overhead,
         "utilisation": result.utilisation, "trials": result.trials,
         "stages": [{"task": s.task, "run_id": s.run_id, "chosen_trial_run": s.chosen.run_id, "finished": s.finished,
-                    "failed": s.failed, "metrics": s.chosen.metrics, "density": s.chosen.density,
-                    "stored_params": s.chosen.stored_params,
+                    "failed": s.failed, "stopped_early": s.stopped, "metrics": s.chosen.metrics,
+                    "density": s.chosen.density, "stored_params": s.chosen.stored_params,
                     **({"latency_ms": s.chosen.latency_ms, "dense_latency_ms": s.chosen.dense_latency_ms,
                         "speedup": s.chosen.speedup} if math.isfinite(s.chosen.latency_ms) else {})}
                    for s in result.stages],

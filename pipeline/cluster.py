@@ -24,7 +24,7 @@ import ray
 
 from .config import RayOptions, redact
 
-__all__ = ["FORWARDED_ENV", "Cluster", "RayTarget", "node_id", "ray_target", "worker_device"]
+__all__ = ["FORWARDED_ENV", "Cluster", "RayTarget", "ask_actor", "node_id", "ray_target", "worker_device"]
 
 T = TypeVar("T")
 FORWARDED_ENV = (
@@ -40,6 +40,7 @@ FORWARDED_ENV = (
 )
 _JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's driver (runtime_env, metadata)
 PROBE_SECONDS = 5.0  # how long a TCP connect to a Ray address may take before it counts as not answering
+ACTOR_SECONDS = 60.0  # how long a worker waits for an actor's answer before it goes on without it
 _CONNECT_ATTEMPTS = "2"  # Ray's GCS connect attempts (about 40 s each) once the address answers TCP
 _CHOOSE = "choose another with ray.address in the config or --ray-address"
 
@@ -194,6 +195,16 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def ask_actor(actor: Any, method: str, *args: Any, timeout: float = ACTOR_SECONDS) -> Any:
+    """What ``actor.method(*args)`` returns (an actor of :meth:`Cluster.actor`, asked from any worker); a
+    ``ConnectionError`` (one line) when the actor is gone, does not answer within ``timeout`` seconds, or failed."""
+    try:
+        return ray.get(getattr(actor, method).remote(*args), timeout=timeout)
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConnectionError(f"actor call {method} failed: {type(exc).__name__}: {first}") from None
+
+
 def gpu_ids() -> list[Any]:
     """The GPUs Ray assigned this worker (none outside Ray)."""
     return list(ray.get_gpu_ids()) if ray.is_initialized() else []
@@ -250,10 +261,12 @@ class Cluster:
 
     @property
     def slots(self) -> int:
-        """How many trials the cluster can run at once, by its total resources."""
-        if self.device == "cuda":
-            return max(1, int(self.gpus // self.options.gpus_per_trial))
-        return max(1, int(self.cpus // self.options.cpus_per_trial))
+        """How many trials the cluster's alive nodes can hold at once (a trial runs on one node), read now, so that
+        nodes joining (an autoscaler) or lost change it."""
+        options = self.options
+        key, per = ("GPU", options.gpus_per_trial) if self.device == "cuda" else ("CPU", options.cpus_per_trial)
+        per = max(float(per), 1e-6)  # a trial that asks for nothing fits anywhere
+        return max(1, sum(int(node["Resources"].get(key, 0) / per + 1e-9) for node in ray.nodes() if node["Alive"]))
 
     def submit(self, function: Callable[..., T], *args: Any) -> ray.ObjectRef:
         """Run ``function(*args)`` on a worker with one trial's resources."""
@@ -263,6 +276,20 @@ class Cluster:
                 num_cpus=self.options.cpus_per_trial, num_gpus=gpus, max_retries=self.options.max_retries
             )
         return self._remote[function].remote(*args)
+
+    @staticmethod
+    def actor(cls: type, *args: Any) -> Any:
+        """A Ray actor holding ``cls(*args)`` for this search's workers to call (:func:`ask_actor`); it asks for no
+        CPU, so it never takes a trial's slot, and ends with this driver or at :meth:`end_actor`."""
+        return ray.remote(cls).options(num_cpus=0, max_restarts=0).remote(*args)
+
+    @staticmethod
+    def end_actor(actor: Any) -> None:
+        """Stop an actor of :meth:`actor`; one already gone, or a Ray that is gone, is left as it is."""
+        try:
+            ray.kill(actor, no_restart=True)
+        except (ray.exceptions.RayError, ValueError, ConnectionError):
+            pass
 
     @staticmethod
     def wait_one(refs: list[ray.ObjectRef]) -> ray.ObjectRef:

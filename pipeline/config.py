@@ -16,8 +16,8 @@ import yaml
 
 from .._validation import ConfigError, check_keys, typed
 
-__all__ = ["COST_OBJECTIVES", "RAY_DEVICES", "RayOptions", "SearchConfig", "flat_params", "load_config",
-           "public_config", "redact", "tracking_uri"]
+__all__ = ["COST_OBJECTIVES", "RAY_DEVICES", "EarlyStopping", "RayOptions", "SearchConfig", "flat_params",
+           "load_config", "public_config", "redact", "tracking_uri"]
 
 
 def tracking_uri(uri: str | None = None, workdir: str = "pngrow-runs") -> str:
@@ -42,6 +42,7 @@ _TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "ob
 
 
 RAY_DEVICES = ("auto", "cpu", "cuda")  # RayOptions.device
+_BUDGET = {"trials_per_stage", "parallel_trials", "early_stopping"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,16 @@ class RayOptions:
 
 
 @dataclass(frozen=True)
+class EarlyStopping:
+    """Asynchronous successive halving with one rung, at the end of growing (:mod:`.early_stopping`): a trial goes
+    on past it only while its quality there is among the best ``keep`` of the values the stage's rung has had (its
+    own included); while the rung has fewer than ``min_trials`` values, every trial goes on."""
+
+    keep: float = 0.5
+    min_trials: int = 2
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """One search. ``load_config`` reads it from YAML; tests build it directly.
 
@@ -71,16 +82,20 @@ class SearchConfig:
     tasks: list[str]
     name: str = "search"
     arch: dict[str, Any] = field(default_factory=dict)
-    train_data: str | None = None  # folder or s3:// prefix of images or Parquet shards; None: skimage's photos
+    # folder (uploaded when Ray is a cluster: a runs:/ URI) or s3:// prefix of images or Parquet shards; None: skimage's
+    train_data: str | None = None
     eval_data: str | None = None
     eval_limit: int | None = None
+    data_cache: str | None = None  # node-local cache of s3:// and uploaded data; None: $PNGROW_CACHE, ~/.cache/pngrow
     search_space: str = ""  # a shipped space's name or a YAML path; empty: the family's full space
     trials_per_stage: int = 8
-    parallel_trials: int = 2
+    parallel_trials: int | None = None  # trials in flight at most; None (``auto``): every slot the cluster has
+    early_stopping: EarlyStopping | None = None  # None: every trial trains to the end
     quality: str = ""  # evaluation metric to optimise; empty: the family's
     costs: tuple[str, ...] = ("density",)  # one or more of COST_OBJECTIVES; the first is the rules' cost
     latency_size: int = 0  # side of the square input the latency cost is measured on; 0: the family's
     latency_rounds: int = 10
+    time_trials: bool = False  # objectives.latency given: every trial times its task, even with no latency objective
     rule: str = "sparsest_within"
     tolerance: float = 0.1
     seed: int = 0
@@ -89,7 +104,7 @@ class SearchConfig:
     optuna_storage: str | None = None
     ray: RayOptions = field(default_factory=RayOptions)
     workdir: str = "pngrow-runs"
-    init: str | None = None  # dense safetensors weights task 1 starts from
+    init: str | None = None  # dense safetensors weights task 1 starts from: a file (uploaded), s3:// or runs:/ URI
     base_model: str | None = None  # a released shared model (folder or models:/ URI) that ``tasks`` grow into
 
     @property
@@ -99,8 +114,9 @@ class SearchConfig:
 
     @property
     def measures_latency(self) -> bool:
-        """Whether trials time their compacted task (a ``latency`` cost, or a rule that reads it)."""
-        return "latency" in self.costs or self.rule == "fastest_within"
+        """Whether trials time their compacted task: a ``latency`` cost, a rule that reads it, or ``objectives.latency``
+        given (to see the speed of a search that optimises another cost)."""
+        return self.time_trials or "latency" in self.costs or self.rule == "fastest_within"
 
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in ``workdir``."""
@@ -142,10 +158,35 @@ def _positive(value: int, field: str) -> int:
     return value
 
 
+def _parallel(value: Any, field: str) -> int | None:
+    """``auto`` (None: as many trials at once as the cluster has slots), or a positive cap.
+
+    >>> _parallel("auto", "parallel_trials"), _parallel(3, "parallel_trials")
+    (None, 3)
+    """
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{field} is {value!r}, not a whole number or 'auto'")
+    return _positive(value, field)
+
+
 def _not_negative(value: float, field: str) -> float:
     if not value >= 0:  # NaN too
         raise ConfigError(f"{field} is {value!r}, must not be negative")
     return value
+
+
+def _early_stopping(raw: Any, where: str) -> EarlyStopping | None:
+    """The budget's ``early_stopping`` field: absent (off), or ``{keep, min_trials}`` with ``keep`` in (0, 1)."""
+    if raw is None:
+        return None
+    raw = check_keys(raw, where, set(EarlyStopping.__dataclass_fields__))
+    keep = typed(raw.get("keep", EarlyStopping.keep), f"{where} field 'keep'", float)
+    if not 0 < keep < 1:  # NaN too
+        raise ConfigError(f"{where} field 'keep' is {keep!r}, must be between 0 and 1 (the share of trials kept)")
+    min_trials = typed(raw.get("min_trials", EarlyStopping.min_trials), f"{where} field 'min_trials'", int)
+    return EarlyStopping(keep, _positive(min_trials, f"{where} field 'min_trials'"))
 
 
 def _ray_options(raw: Any, where: str) -> RayOptions:
@@ -199,8 +240,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     tasks = typed(raw["tasks"], f"{where} field 'tasks'", list)
     if not tasks or not all(isinstance(t, str) for t in tasks):
         raise ConfigError(f"{where} field 'tasks' is {tasks!r}, not a non-empty list of task names")
-    data = check_keys(raw.get("data") or {}, f"{where} field 'data'", {"train", "eval", "eval_limit"})
-    budget = check_keys(raw.get("budget") or {}, f"{where} field 'budget'", {"trials_per_stage", "parallel_trials"})
+    data = check_keys(raw.get("data") or {}, f"{where} field 'data'", {"train", "eval", "eval_limit", "cache"})
+    budget = check_keys(raw.get("budget") or {}, f"{where} field 'budget'", _BUDGET)
     objectives = check_keys(raw.get("objectives") or {}, f"{where} field 'objectives'", {"quality", "cost", "latency"})
     select = check_keys(raw.get("select") or {}, f"{where} field 'select'", {"rule", "tolerance"})
     tracking = check_keys(raw.get("tracking") or {}, f"{where} field 'tracking'", {"uri", "experiment"})
@@ -219,17 +260,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         train_data=_optional(data, "train", f"{where} data", str),
         eval_data=_optional(data, "eval", f"{where} data", str),
         eval_limit=eval_limit,
+        data_cache=_optional(data, "cache", f"{where} data", str),
         search_space=typed(raw.get("search_space", ""), f"{where} field 'search_space'", str),
         trials_per_stage=_positive(typed(budget.get("trials_per_stage", 8), f"{where} budget field 'trials_per_stage'",
                                          int), f"{where} budget field 'trials_per_stage'"),
-        parallel_trials=_positive(typed(budget.get("parallel_trials", 2), f"{where} budget field 'parallel_trials'",
-                                        int), f"{where} budget field 'parallel_trials'"),
+        parallel_trials=_parallel(budget.get("parallel_trials", "auto"), f"{where} budget field 'parallel_trials'"),
+        early_stopping=_early_stopping(budget.get("early_stopping"), f"{where} budget field 'early_stopping'"),
         quality=typed(objectives.get("quality", ""), f"{where} objectives field 'quality'", str),
         costs=costs,
         latency_size=_not_negative(typed(latency.get("size", 0), f"{where} objectives latency field 'size'", int),
                                    f"{where} objectives latency field 'size'"),
         latency_rounds=_positive(typed(latency.get("rounds", 10), f"{where} objectives latency field 'rounds'", int),
                                  f"{where} objectives latency field 'rounds'"),
+        time_trials=bool(latency),
         rule=typed(select.get("rule", "sparsest_within"), f"{where} select field 'rule'", str),
         tolerance=tolerance,
         seed=typed(raw.get("seed", 0), f"{where} field 'seed'", int),
@@ -267,14 +310,16 @@ def public_config(config: SearchConfig) -> dict[str, Any]:
 
 
 def flat_params(config: SearchConfig) -> dict[str, Any]:
-    """:func:`public_config` flattened into MLflow params: ``arch.<k>``, ``ray.<k>``, and the tasks comma-separated.
+    """:func:`public_config` flattened into MLflow params: ``arch.<k>``, ``ray.<k>``, ``early_stopping.<k>`` (when
+    on), and the tasks comma-separated.
 
     >>> flat_params(SearchConfig(family="sisr", tasks=["x2", "x3"], arch={"width": 8}))["tasks"]
     'x2,x3'
     """
     public = public_config(config)
-    params = {k: v for k, v in public.items() if k not in ("ray", "arch", "tasks")}
+    params = {k: v for k, v in public.items() if k not in ("ray", "arch", "tasks", "early_stopping")}
     params.update({f"arch.{k}": v for k, v in config.arch.items()})
+    params.update({f"early_stopping.{k}": v for k, v in (public["early_stopping"] or {}).items()})
     params.update({f"ray.{k}": v for k, v in public["ray"].items()})
     params["tasks"] = ",".join(config.tasks)
     return params

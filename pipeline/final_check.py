@@ -24,7 +24,7 @@ def final_check(ctx: SearchContext, stages: list[StageSummary]) -> dict[str, dic
     :class:`SearchError` when a task's fingerprint differs from the committed one or a metric drifted."""
     config, plan, tracking = ctx.config, ctx.plan, ctx.tracking
     spec = EvaluationSpec(tracking.uri, stages[-1].run_id, config.eval_data, config.eval_limit,
-                          config.ray.cpus_per_trial, ctx.cluster.device)
+                          config.ray.cpus_per_trial, ctx.cluster.device, manifest=plan.manifest)
     final: dict[str, dict[str, Any]] = ctx.cluster.result(ctx.cluster.submit(evaluate_model, spec))
     committed = {**(plan.base.fingerprints if plan.base else {}), **{s.task: s.chosen.fingerprint for s in stages}}
     for task, fingerprint in committed.items():

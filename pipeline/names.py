@@ -7,9 +7,9 @@ from __future__ import annotations
 
 __all__ = ["ATTEMPTS", "CHOSEN_TRIAL_RUN", "COST", "DEVICE_WARNING", "ERROR", "FAMILY", "FINAL_STAGE_RUN",
            "FINGERPRINT", "GROWN_FROM_MODEL", "GROWN_FROM_RUN", "KIND", "Kind", "MODEL_URI",
-           "OPTUNA_STUDY", "OPTUNA_TRIAL", "PREFIX", "QUALITY", "RAY_NODE", "REPORT_ERROR", "SEARCH_ID",
-           "SOURCE_RUN", "STAGE_INDEX", "TASK", "TASKS", "TASK_ORDER", "WORKER_NODE",
-           "WORKER_PID", "fingerprint_tag", "is_pngrow_tag"]
+           "OPTUNA_STUDY", "OPTUNA_TRIAL", "PREFIX", "QUALITY", "RAY_NODE", "REPORT_ERROR", "RUNG_WARNING",
+           "SEARCH_ID", "SOURCE_RUN", "STAGE_INDEX", "STOPPED_EARLY", "TASK", "TASKS", "TASK_ORDER", "UPLOADED_DATA",
+           "WORKER_NODE", "WORKER_PID", "fingerprint_tag", "is_pngrow_tag", "uploaded_data_tag"]
 
 PREFIX = "pngrow."
 
@@ -43,6 +43,7 @@ MODEL_URI = PREFIX + "model_uri"  # the logged pyfunc model
 REPORT_ERROR = PREFIX + "report_error"  # why drawing the report failed
 GROWN_FROM_MODEL = PREFIX + "grown_from_model"  # the released model the search grew (also on a base run)
 SOURCE_RUN = PREFIX + "source_run"  # the run a registered model (or a base) came from
+UPLOADED_DATA = PREFIX + "uploaded_data"  # ``uploaded_data.<split>``: the local folder uploaded as data/<split>/
 # A stage's.
 CHOSEN_TRIAL_RUN = PREFIX + "chosen_trial_run"
 # A trial's.
@@ -51,6 +52,8 @@ WORKER_PID = PREFIX + "worker_pid"
 WORKER_NODE = PREFIX + "worker_node"
 RAY_NODE = PREFIX + "ray_node"  # the Ray node id the trial ran on
 DEVICE_WARNING = PREFIX + "device_warning"  # why a trial trained on another device than Ray assigned it
+STOPPED_EARLY = PREFIX + "stopped_early"  # why the stage's rung stopped the trial (its run ends KILLED)
+RUNG_WARNING = PREFIX + "rung_warning"  # why a trial went on past the rung without its verdict (rung unreachable)
 # Any run's.
 ERROR = PREFIX + "error"  # the failure line of a failed run
 
@@ -62,6 +65,15 @@ def fingerprint_tag(task: str) -> str:
     'pngrow.fingerprint.x2'
     """
     return f"{FINGERPRINT}.{task}"
+
+
+def uploaded_data_tag(split: str) -> str:
+    """The search run's tag naming the local ``split`` folder (train, eval) the driver uploaded for its trials.
+
+    >>> uploaded_data_tag("train")
+    'pngrow.uploaded_data.train'
+    """
+    return f"{UPLOADED_DATA}.{split}"
 
 
 def is_pngrow_tag(name: str) -> bool:

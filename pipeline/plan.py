@@ -14,6 +14,8 @@ from ..workers.data import check_folder
 from ..workers.models import Family, get_family
 from ..workers.png import parse_block_shape
 from .config import SearchConfig, redact
+from .data_cache import Manifest, cache_folder, is_remote
+from .object_store import is_s3
 from .study import RULES
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class Plan:
     quality: str
     maximize: bool
     base: Base | None = None
+    manifest: Manifest | None = None  # the s3:// data as listed when the search started (see .data_cache)
 
     @property
     def quality_direction(self) -> str:
@@ -72,8 +75,10 @@ class SearchContext:
 
     @property
     def parallel(self) -> int:
-        """How many trials run at once."""
-        return min(self.config.parallel_trials, self.cluster.slots)
+        """How many trials run at once: every slot the cluster has now (it follows nodes that join or leave),
+        at most the config's ``parallel_trials``."""
+        slots = self.cluster.slots
+        return slots if self.config.parallel_trials is None else min(self.config.parallel_trials, slots)
 
 
 def prepare(config: SearchConfig, scratch: Path | None = None) -> Plan:
@@ -107,15 +112,21 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> Plan:
 
 
 def _check_files(config: SearchConfig) -> None:
-    """The local data folders hold readable images and the init weights exist."""
+    """The local data folders hold readable images, local init weights exist, and the cache folder that ``s3://``
+    data goes through is writable on this node."""
     for name, source in (("train", config.train_data), ("eval", config.eval_data)):
-        if source and "://" not in source:
+        if source and "://" not in source and not is_remote(source):  # runs:/: uploaded by the driver (resumed)
             try:
                 check_folder(source)
             except ValueError as exc:
                 raise ConfigError(f"data {name}: {exc}") from None
-    if config.init and not Path(config.init).is_file():
+    if config.init and not is_remote(config.init) and not Path(config.init).is_file():
         raise ConfigError(f"init weights {config.init!r} do not exist")
+    if config.data_cache or any(is_s3(s) for s in (config.train_data, config.eval_data, config.init)):
+        try:
+            cache_folder(config.data_cache)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _resolve_base(config: SearchConfig, scratch: Path) -> tuple[Base, Family]:

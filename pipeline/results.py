@@ -12,8 +12,9 @@ __all__ = ["SearchResult", "StageSummary"]
 
 @dataclass
 class StageSummary:
-    """One stage of a search: its MLflow run, the trial chosen, how many finished or failed, the Pareto front, and
-    when this driver's trials trained (epoch-second intervals; empty for a stage committed before a restart)."""
+    """One stage of a search: its MLflow run, the trial chosen, how many finished, failed or were stopped early, the
+    Pareto front, and when this driver's trials trained (epoch-second intervals; empty for a stage committed before
+    a restart)."""
 
     task: str
     run_id: str
@@ -23,6 +24,7 @@ class StageSummary:
     failed: int
     front: list[Candidate] = field(default_factory=list)
     train_intervals: list[tuple[float, float]] = field(default_factory=list)
+    stopped: int = 0  # trials the stage's rung stopped early
 
 
 @dataclass
@@ -41,4 +43,4 @@ class SearchResult:
 
     @property
     def trials(self) -> int:
-        return sum(s.finished + s.failed for s in self.stages)
+        return sum(s.finished + s.failed + s.stopped for s in self.stages)

@@ -4,21 +4,21 @@ already committed, and the current stage's trials (finished ones kept, cut-off o
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import optuna
 from mlflow.entities import Run
 
 from ..errors import ConfigError
 from . import names
-from .config import RayOptions, SearchConfig, redact
+from .config import EarlyStopping, RayOptions, SearchConfig, redact
 from .names import Kind
 from .plan import SearchContext
 from .results import StageSummary
 from .tracking import Tracking
-from .trial import TrialOutcome
+from .trial import RungReport, TrialOutcome
 
-__all__ = ["CONFIG_ARTIFACT", "earlier_runs", "finished_stage", "recorded_config", "recover_trials"]
+__all__ = ["CONFIG_ARTIFACT", "Recovered", "earlier_runs", "finished_stage", "recorded_config", "recover_trials"]
 
 CONFIG_ARTIFACT = "search_config.json"  # the search run's config, passwords redacted
 
@@ -38,7 +38,9 @@ def recorded_config(tracking: Tracking, search_id: str, optuna_storage: str | No
     recorded = tracking.load_dict(search_id, CONFIG_ARTIFACT)
     recorded.pop("search_space_resolved", None)
     ray = RayOptions(**{**recorded.pop("ray"), **({"address": ray_address} if ray_address else {})})
+    stopping = recorded.pop("early_stopping", None)
     config = SearchConfig(**{**recorded, "ray": ray, "tracking_uri": tracking.uri,
+                             "early_stopping": EarlyStopping(**stopping) if stopping else None,
                              "optuna_storage": optuna_storage or recorded["optuna_storage"]})
     if "***" in (config.optuna_storage or ""):
         raise ConfigError(f"search {search_id!r} used an Optuna storage with a password, which is not recorded: "
@@ -61,30 +63,55 @@ def finished_stage(tracking: Tracking, stage: Run) -> StageSummary:
     chosen = tracking.run(stage.data.tags[names.CHOSEN_TRIAL_RUN])
     return StageSummary(stage.data.tags[names.TASK], stage.info.run_id, stage.data.tags[names.OPTUNA_STUDY],
                         TrialOutcome.from_run(chosen), sum(t.info.status == "FINISHED" for t in trials),
-                        sum(t.info.status == "FAILED" for t in trials))
+                        sum(t.info.status == "FAILED" for t in trials),
+                        stopped=sum(t.info.status == "KILLED" and names.STOPPED_EARLY in t.data.tags for t in trials))
 
 
-def recover_trials(ctx: SearchContext, study: optuna.Study, stage_run: str) -> tuple[dict[int, TrialOutcome], int]:
+@dataclass
+class Recovered:
+    """What a dead driver left of a stage: the finished outcomes by Optuna trial number, how many trials failed and
+    how many their rung stopped early, and every value the stage's rung had been told, by trial run."""
+
+    outcomes: dict[int, TrialOutcome] = field(default_factory=dict)
+    failed: int = 0
+    stopped: int = 0
+    rung_values: dict[str, float] = field(default_factory=dict)
+
+
+def recover_trials(ctx: SearchContext, study: optuna.Study, stage_run: str) -> Recovered:
     """Keep the finished trials of a stage a dead driver left (also those whose worker finished after the driver
-    died: their run holds the outcome); close the unfinished ones as KILLED (MLflow) and FAIL (Optuna).
-    Returns the finished outcomes by Optuna trial number and the count of trials that failed."""
-    outcomes: dict[int, TrialOutcome] = {}
-    failed = 0
+    died: their run holds the outcome) and the ones its rung stopped early (KILLED in MLflow, PRUNED in Optuna);
+    close the unfinished ones as KILLED (MLflow) and FAIL (Optuna)."""
+    recovered = Recovered()
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     for run in ctx.tracking.children(ctx.tracking.run(stage_run), Kind.TRIAL):
         number = int(run.data.tags[names.OPTUNA_TRIAL])
         running = states.get(number) == optuna.trial.TrialState.RUNNING
+        rung = RungReport.from_run(run)
+        if rung is not None and ctx.plan.quality in rung.metrics:
+            recovered.rung_values[run.info.run_id] = rung.metrics[ctx.plan.quality]
         if run.info.status in ("FINISHED", "RUNNING") and TrialOutcome.recorded(run):
-            outcome = outcomes[number] = TrialOutcome.from_run(run)
+            outcome = recovered.outcomes[number] = TrialOutcome.from_run(run)
             if running:
                 study.tell(number, outcome.objective_values(ctx.plan.quality, ctx.config.costs))
             if run.info.status == "RUNNING":
                 ctx.tracking.end_run(run.info.run_id)
+        elif names.STOPPED_EARLY in run.data.tags and run.info.status in ("KILLED", "RUNNING"):
+            recovered.stopped += 1
+            _close_stopped(ctx, study, run, number, running)
         elif run.info.status == "FAILED":
-            failed += 1
+            recovered.failed += 1
         else:
             _close(ctx, study, run, number, running)
-    return outcomes, failed
+    return recovered
+
+
+def _close_stopped(ctx: SearchContext, study: optuna.Study, run: Run, number: int, running: bool) -> None:
+    """End a trial its rung stopped that the dead driver had not closed: KILLED in MLflow, PRUNED in Optuna."""
+    if run.info.status == "RUNNING":
+        ctx.tracking.end_run(run.info.run_id, "KILLED")
+    if running:
+        study.tell(number, state=optuna.trial.TrialState.PRUNED)
 
 
 def _close(ctx: SearchContext, study: optuna.Study, run: Run, number: int, running: bool) -> None:

@@ -15,12 +15,13 @@ import optuna
 from .._progress import progress_bar
 from ..errors import SearchError, ServiceError, failure_line
 from . import names
+from .early_stopping import Rung
 from .names import Kind
 from .plan import SearchContext
 from .results import StageSummary
-from .resume import recover_trials
+from .resume import Recovered, recover_trials
 from .study import Candidate, distributions, open_study, pareto_front, retrying, select
-from .trial import TrialOutcome, TrialSpec, run_trial
+from .trial import RungReport, TrialOutcome, TrialSpec, TrialStopped, run_trial
 
 __all__ = ["run_study"]
 
@@ -37,24 +38,36 @@ def run_study(ctx: SearchContext, index: int, parent: str | None, resumed_run: s
     lineage = {names.SEARCH_ID: ctx.search_id, names.TASK: task, names.STAGE_INDEX: index,
                names.TASK_ORDER: ",".join(ctx.plan.family.tasks[: index + 1]), names.GROWN_FROM_RUN: parent or "",
                names.OPTUNA_STUDY: study_name}
-    outcomes: dict[int, TrialOutcome] = {}
-    failed = 0
+    recovered = Recovered()
     if resumed_run is None:
         stage_run = ctx.tracking.start_run(f"stage {index + 1}: {task}", {names.KIND: Kind.STAGE, **lineage},
                                            parent=ctx.search_id)
     else:
         stage_run = resumed_run
         ctx.tracking.reopen_run(stage_run)
-        outcomes, failed = recover_trials(ctx, study, stage_run)
-        ctx.log(f"[{task}] resuming the stage: {len(outcomes)} trials finished before the restart are kept, "
-                f"{failed} failed")
+        recovered = recover_trials(ctx, study, stage_run)
+        ctx.log(f"[{task}] resuming the stage: {len(recovered.outcomes)} trials finished before the restart are "
+                f"kept, {recovered.stopped} were stopped early, {recovered.failed} failed")
+    rung = _start_rung(ctx, recovered.rung_values)
     try:
-        summary = _StudyRun(ctx, study, stage_run, index, parent, lineage, outcomes, failed).run()
+        summary = _StudyRun(ctx, study, stage_run, index, parent, lineage, recovered, rung).run()
     except BaseException:
         ctx.tracking.end_run(stage_run, "FAILED")
         raise
+    finally:
+        if rung is not None:
+            ctx.cluster.end_actor(rung)
     _commit(ctx, summary)
     return summary
+
+
+def _start_rung(ctx: SearchContext, values: dict[str, float]) -> Any:
+    """The stage's rung, a Ray actor every trial asks when its growing ends, holding ``values`` (what its trials
+    reported there before a restart); None when early stopping is off."""
+    options = ctx.config.early_stopping
+    if options is None:
+        return None
+    return ctx.cluster.actor(Rung, ctx.plan.quality, ctx.plan.maximize, options, values)
 
 
 def _commit(ctx: SearchContext, summary: StageSummary) -> None:
@@ -65,7 +78,8 @@ def _commit(ctx: SearchContext, summary: StageSummary) -> None:
         tracking.copy_datasets(chosen.run_id, run)
     tracking.log(summary.run_id, params=tracking.run(chosen.run_id).data.params,
                  metrics={**chosen.metric_record(timings=False), "trials_finished": summary.finished,
-                          "trials_failed": summary.failed, "pareto_front_size": len(summary.front)},
+                          "trials_failed": summary.failed, "trials_stopped_early": summary.stopped,
+                          "pareto_front_size": len(summary.front)},
                  tags={names.CHOSEN_TRIAL_RUN: chosen.run_id})
     tracking.end_run(summary.run_id)
     ctx.log(f"[{summary.task}] chose trial run {chosen.run_id} by {ctx.config.rule}: {ctx.plan.quality}="
@@ -73,16 +87,18 @@ def _commit(ctx: SearchContext, summary: StageSummary) -> None:
 
 
 class _StudyRun:
-    """A stage's study while its trials run: the ones in flight, the finished outcomes, the failures."""
+    """A stage's study while its trials run: the ones in flight, the finished outcomes, the failures, the trials
+    its rung (a Ray actor, None without early stopping) stopped."""
 
     def __init__(self, ctx: SearchContext, study: optuna.Study, stage_run: str, index: int, parent: str | None,
-                 lineage: dict[str, Any], outcomes: dict[int, TrialOutcome], failed: int) -> None:
+                 lineage: dict[str, Any], recovered: Recovered, rung: Any = None) -> None:
         self.ctx, self.study, self.stage_run, self.index, self.parent = ctx, study, stage_run, index, parent
         self.task = ctx.plan.family.tasks[index]
         self.lineage = lineage
-        self.outcomes = outcomes
-        self.failed = failed
-        self.asked = len(outcomes) + failed
+        self.outcomes = recovered.outcomes
+        self.failed, self.stopped = recovered.failed, recovered.stopped
+        self.rung = rung
+        self.asked = len(self.outcomes) + self.failed + self.stopped
         self.pending: dict[Any, tuple[optuna.Trial, str]] = {}
         self.intervals: list[tuple[float, float]] = []
         self.last_error = f"see the trial runs' {names.ERROR} tags"
@@ -117,7 +133,7 @@ class _StudyRun:
                          settings, config.train_data, config.eval_data, config.eval_limit,
                          config.init if self.parent is None else None, config.ray.cpus_per_trial, ctx.cluster.device,
                          config.latency_rounds if config.measures_latency else 0, config.latency_size or None,
-                         device_setting=config.ray.device)
+                         device_setting=config.ray.device, rung=self.rung, manifest=ctx.plan.manifest)
         self.pending[ctx.cluster.submit(run_trial, spec)] = (trial, run_id)
 
     def _collect(self, ref: Any) -> None:
@@ -127,19 +143,49 @@ class _StudyRun:
             outcome: TrialOutcome = self.ctx.cluster.result(ref)
         except ServiceError:  # the tracking server or artifact store is gone: no later trial could log either
             raise
+        except TrialStopped as stop:
+            self._stopped(trial, run_id, stop)
+            return
         except Exception as exc:  # a trial's failure (diverged, worker lost) fails the trial, not the search
             self._failed(trial, run_id, exc)
             return
         plan = self.ctx.plan
         self.outcomes[trial.number] = outcome
         self.intervals.append((outcome.train_started, outcome.train_ended))
+        self._record_rung(trial, outcome.rung)
         self._retrying(lambda: self.study.tell(trial, outcome.objective_values(plan.quality, self.ctx.config.costs)))
         self.ctx.tracking.end_run(run_id)
-        self.ctx.log(f"[{self.task}] trial {trial.number} ({len(self.outcomes) + self.failed}/"
+        self.ctx.log(f"[{self.task}] trial {trial.number} ({self._ended()}/"
                      f"{self.ctx.config.trials_per_stage}) {_describe(trial.params)}: "
                      f"{plan.quality}={outcome.metrics[plan.quality]:.4g} density={outcome.density:.3f}"
                      + (f" {outcome.speedup:.2f}x faster compacted" if math.isfinite(outcome.latency_ms) else "")
                      + f" in {outcome.trial_seconds:.1f} s")
+
+    def _ended(self) -> int:
+        return len(self.outcomes) + self.failed + self.stopped
+
+    def _stopped(self, trial: optuna.Trial, run_id: str, stop: TrialStopped) -> None:
+        """Record a trial its rung stopped: KILLED in MLflow with the reason, then PRUNED in Optuna with its value
+        at the rung (in this order, so that a restart in between finds the run stopped and prunes the trial)."""
+        self.stopped += 1
+        self.intervals.append(stop.interval)
+        self.ctx.tracking.log(run_id, tags={names.STOPPED_EARLY: stop.reason})
+        self.ctx.tracking.end_run(run_id, "KILLED")
+        self._record_rung(trial, stop.rung)
+        self._retrying(lambda: trial.set_user_attr("stopped_early", stop.reason))
+        self._retrying(lambda: self.study.tell(trial, state=optuna.trial.TrialState.PRUNED))
+        self.ctx.log(f"[{self.task}] trial {trial.number} ({self._ended()}/{self.ctx.config.trials_per_stage}) "
+                     f"{_describe(trial.params)}: stopped early, {stop.reason}")
+
+    def _record_rung(self, trial: optuna.Trial, rung: RungReport | None) -> None:
+        """Put the trial's quality at the rung, and the step, on its Optuna trial (user attributes ``rung_step``
+        and ``rung_<quality>``). Not an intermediate value: Optuna's ``Trial.report`` refuses multi-objective
+        studies, and its TPE sampler fails on a PRUNED trial holding intermediate values in one."""
+        quality = self.ctx.plan.quality
+        if rung is None or quality not in rung.metrics:
+            return
+        for key, value in (("rung_step", rung.step), (f"rung_{quality}", rung.metrics[quality])):
+            self._retrying(lambda key=key, value=value: trial.set_user_attr(key, value))
 
     def _failed(self, trial: optuna.Trial, run_id: str, exc: Exception) -> None:
         self.failed += 1
@@ -160,7 +206,8 @@ class _StudyRun:
             raise SearchError(f"stage {self.index + 1} ({self.task}): {exc}; every trial failed, the last with "
                               f"{self.last_error}") from None
         return StageSummary(self.task, self.stage_run, self.study.study_name, self.outcomes[chosen.number],
-                            len(self.outcomes), self.failed, pareto_front(candidates, plan.maximize), self.intervals)
+                            len(self.outcomes), self.failed, pareto_front(candidates, plan.maximize), self.intervals,
+                            self.stopped)
 
 
 def _describe(params: dict[str, Any]) -> str:

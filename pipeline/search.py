@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import ray
 
 from ..errors import ServiceError, failure_line
 from . import names
-from .cluster import Cluster, probe, ray_target
+from .cluster import Cluster, RayTarget, probe, ray_target
 from .config import SearchConfig, flat_params, public_config, redact
+from .data_cache import is_remote, list_sources, upload_folder
 from .final_check import DRIFT_TOLERANCE, final_check
 from .names import Kind
 from .plan import Base, Log, Plan, SearchContext, prepare
@@ -75,20 +79,34 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
     config = plan.config
     start = time.time()
     check_services(config)
-    probe(ray_target(config.ray))  # a Ray address that does not answer: one line, before any run is created
+    target = ray_target(config.ray)
+    probe(target)  # a Ray address that does not answer: one line, before any run is created
+    # s3:// data and init are listed once; trials refuse an object that changed since (see .data_cache)
+    plan = replace(plan, manifest=list_sources((config.train_data, config.eval_data), (config.init,),
+                                               config.data_cache))
     if config.local_artifact_root() or not config.optuna_storage:  # local artifacts or the default SQLite study
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
     check_artifact_store(tracking.artifact_location)
-    search_id = _start_search_run(plan, tracking) if resumed is None else _reopen_search_run(tracking, resumed)
+    elsewhere = _workers_elsewhere(target)  # then trials read local data from the search run's artifacts
+    if resumed is None:
+        search_id, plan = _start_search_run(plan, tracking, elsewhere, log)
+    else:
+        search_id = _reopen_search_run(tracking, resumed)
     log(f"pngrow search {config.name!r}: id {search_id}, tracking {redact(tracking.uri)}"
         + (" (resumed)" if resumed else ""))
     cluster: Cluster | None = None
     try:
+        if resumed is not None and elsewhere:  # data uploaded when it started are runs:/ URIs in its config: kept
+            plan = _upload_data(plan, tracking, search_id, log, relog=True)
         cluster = Cluster(config.ray)
         ctx = SearchContext(plan, tracking, cluster, search_id, log)
         log(f"Ray: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; trials ask for "
             f"{'a GPU' if cluster.device == 'cuda' else 'CPUs'} (device {config.ray.device}), {ctx.parallel} at a time")
+        idle = -config.trials_per_stage % ctx.parallel
+        if idle:
+            log(f"note: {config.trials_per_stage} trials per stage on {ctx.parallel} slots leave {idle} slot(s) idle "
+                f"while each stage's last trials run; {config.trials_per_stage + idle} would fill them")
         stages = _run_stages(ctx, resumed is not None)
         return _finish(ctx, stages, final_check(ctx, stages), start)
     except BaseException as exc:
@@ -99,18 +117,65 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
             cluster.close()
 
 
-def _start_search_run(plan: Plan, tracking: Tracking) -> str:
-    """A new search run holding the config (params and ``search_config.json``, passwords redacted)."""
+def _workers_elsewhere(target: RayTarget) -> bool:
+    """Whether the search's Ray may run trials on other machines: it is not one this process starts (a cluster, a
+    Ray job's, or one this process had joined already)."""
+    return not target.starts_local or ray.is_initialized()
+
+
+def _start_search_run(plan: Plan, tracking: Tracking, upload_data: bool = False,
+                      log: Log | None = None) -> tuple[str, Plan]:
+    """A new search run holding the config (params and ``search_config.json``, passwords redacted), the config's
+    local init weights (``init/``) and, with ``upload_data``, its local data folders (``data/``, see
+    :func:`_upload_data`); the plan returned names those by their ``runs:/`` URI, which trials read."""
+    search_id = tracking.start_run(plan.config.name, {names.KIND: Kind.SEARCH, names.FAMILY: plan.config.family,
+                                                      names.TASKS: ",".join(plan.family.tasks)})
+    try:  # uploaded once: no trial reads the driver's disk
+        if plan.config.init and not is_remote(plan.config.init):
+            init = tracking.log_file(search_id, plan.config.init, "init")
+            plan = replace(plan, config=replace(plan.config, init=init))
+        if upload_data:
+            plan = _upload_data(plan, tracking, search_id, log)
+    except BaseException as exc:
+        _mark_ended(tracking, search_id, exc, log or (lambda _: None))
+        raise
     config = plan.config
-    search_id = tracking.start_run(config.name, {names.KIND: Kind.SEARCH, names.FAMILY: config.family,
-                                                 names.TASKS: ",".join(plan.family.tasks)})
     tags = {names.SEARCH_ID: search_id, names.QUALITY: plan.quality, names.COST: config.cost}
     if plan.base is not None:
         tags[names.GROWN_FROM_MODEL] = plan.base.label
     tracking.log(search_id, params=flat_params(config), tags=tags)
-    tracking.log_dict(search_id, {**public_config(config), "search_space_resolved": plan.space.name}, CONFIG_ARTIFACT)
+    _log_config(plan, tracking, search_id)
     tracking.describe(search_id, describe_search(plan))
-    return search_id
+    return search_id, plan
+
+
+def _log_config(plan: Plan, tracking: Tracking, search_id: str) -> None:
+    """The config as the search run's ``search_config.json`` (what a resume reads), passwords redacted."""
+    tracking.log_dict(search_id, {**public_config(plan.config), "search_space_resolved": plan.space.name},
+                      CONFIG_ARTIFACT)
+
+
+def _upload_data(plan: Plan, tracking: Tracking, search_id: str, log: Log | None = None,
+                 relog: bool = False) -> Plan:
+    """The plan with each local data folder (train, eval) uploaded once to the search run (``data/<split>/``, see
+    :func:`.data_cache.upload_folder`) and named by its ``runs:/`` URI, for Ray workers on machines without the
+    driver's disk; the search run is tagged with each folder uploaded. ``s3://`` data and earlier uploads are kept.
+    With ``relog`` (a resumed search), a plan that changed is recorded again as the run's config."""
+    config, uploaded = plan.config, {}
+    for split, source in (("train", config.train_data), ("eval", config.eval_data)):
+        if source and not is_remote(source):
+            if source not in uploaded:
+                if log is not None:
+                    log(f"data {split}: uploading {source!r} to the search run, for the Ray cluster's workers")
+                uploaded[source] = upload_folder(source, tracking, search_id, split)
+            tracking.log(search_id, tags={names.uploaded_data_tag(split): str(Path(source).absolute())})
+    if not uploaded:
+        return plan
+    plan = replace(plan, config=replace(config, train_data=uploaded.get(config.train_data, config.train_data),
+                                        eval_data=uploaded.get(config.eval_data, config.eval_data)))
+    if relog:
+        _log_config(plan, tracking, search_id)
+    return plan
 
 
 def describe_search(plan: Plan) -> str:
@@ -118,10 +183,13 @@ def describe_search(plan: Plan) -> str:
     config, space = plan.config, plan.space
     searched = ", ".join(f"`{name}`" for name in space.parameters) or "nothing (fixed settings)"
     grown = f" into `{plan.base.label}`" if plan.base is not None else ""
+    stopping = config.early_stopping
+    stops = (f" A trial whose {plan.quality} at the end of growing is outside the best {stopping.keep:.0%} of the "
+             f"stage's so far stops there (early stopping).") if stopping else ""
     return (f"**pngrow search `{config.name}`**: {config.family} tasks {', '.join(config.tasks)}{grown}, one stage "
             f"per task in that order.\n\nEach stage searches {searched} (space `{space.name}`) over "
             f"{config.trials_per_stage} trials for {plan.quality} against {', '.join(config.costs)}, and hands on "
-            f"the trial `{config.rule}` picks (tolerance {config.tolerance:g}).")
+            f"the trial `{config.rule}` picks (tolerance {config.tolerance:g}).{stops}")
 
 
 def _reopen_search_run(tracking: Tracking, search_id: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from mlflow.entities import Run
+
 from . import names
 from .names import Kind
 from .tracking import Tracking, tag_filter
@@ -27,6 +29,7 @@ class SearchStatus:
     trials_failed: int
     trials_running: int
     error: str
+    trials_stopped: int = 0  # stopped early by their stage's rung
 
 
 def search_status(tracking: Tracking, limit: int = 20) -> list[SearchStatus]:
@@ -48,11 +51,17 @@ def search_status(tracking: Tracking, limit: int = 20) -> list[SearchStatus]:
             stages_done=sum(s.info.status == "FINISHED" for s in stages),
             current_task=running[0].data.tags.get(names.TASK) if running else None,
             trials_done=sum(t.info.status == "FINISHED" for t in trials),
-            trials_failed=sum(t.info.status in ("FAILED", "KILLED") for t in trials),
+            trials_failed=sum(t.info.status in ("FAILED", "KILLED") and not _stopped_early(t) for t in trials),
             trials_running=sum(t.info.status == "RUNNING" for t in trials),
             error=run.data.tags.get(names.ERROR, ""),
+            trials_stopped=sum(t.info.status == "KILLED" and _stopped_early(t) for t in trials),
         ))
     return out
+
+
+def _stopped_early(trial: Run) -> bool:
+    """Whether the trial's stage's rung stopped it early."""
+    return names.STOPPED_EARLY in trial.data.tags
 
 
 def format_status(searches: list[SearchStatus]) -> str:
@@ -63,11 +72,11 @@ def format_status(searches: list[SearchStatus]) -> str:
     """
     if not searches:
         return "no searches yet"
-    rows = [["search id", "name", "state", "started", "stages", "now", "trials ok/failed/running"]]
+    rows = [["search id", "name", "state", "started", "stages", "now", "trials ok/stopped/failed/running"]]
     for s in searches:
         started = dt.datetime.fromtimestamp(s.started).strftime("%Y-%m-%d %H:%M")
         rows.append([s.search_id, s.name, s.state, started, f"{s.stages_done}/{len(s.tasks)} ({','.join(s.tasks)})",
-                     s.current_task or "-", f"{s.trials_done}/{s.trials_failed}/{s.trials_running}"])
+                     s.current_task or "-", f"{s.trials_done}/{s.trials_stopped}/{s.trials_failed}/{s.trials_running}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"{s.search_id}: {s.error.splitlines()[0]}" for s in searches if s.error]

@@ -24,6 +24,7 @@ with warnings.catch_warnings():
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.utils.time import get_current_time_millis
 
 from ..errors import ServiceError, failure_line
@@ -52,8 +53,6 @@ def unreachable(error: BaseException) -> str | None:
     import boto3.exceptions
     import botocore.exceptions
     import requests.exceptions
-
-    from mlflow.exceptions import MlflowException
 
     if isinstance(error, (botocore.exceptions.ConnectionError, boto3.exceptions.S3UploadFailedError)):
         return "artifacts"
@@ -226,19 +225,27 @@ class Tracking:
 
     def log_dataset(self, run_id: str, name: str, source: str | None, digest: str, context: str) -> None:
         """Record on the run (the UI's Datasets column) that ``context`` ("training" or "evaluation") used images
-        ``name`` from ``source`` (a folder, an ``s3://`` prefix, or None for scikit-image's bundled photos), whose
-        content hashes to ``digest``."""
+        ``name`` from ``source`` (a folder, an ``s3://`` prefix, a ``runs:/`` folder the driver uploaded, or None for
+        scikit-image's bundled photos), whose content hashes to ``digest``."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        if source is None:
-            origin = CodeDatasetSource({"mlflow.source.name": "skimage.data"})
+        if source is None or source.startswith("runs:/"):  # MLflow has no dataset source type for these: named
+            origin = CodeDatasetSource({"mlflow.source.name": source or "skimage.data"})
         else:
             origin = resolve_dataset_source(source if "://" in source else Path(source).resolve().as_uri())
         dataset = MetaDataset(origin, name=name, digest=digest)._to_mlflow_entity()
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        try:
+            self.client.log_inputs(run_id, datasets=inputs)
+        except MlflowException as exc:
+            # Two trials recording the same new dataset at once: the store's insert of the loser fails on its
+            # unique key (SQLite and PostgreSQL word it differently); the dataset exists now, so once more links it.
+            if not any(words in str(exc).lower() for words in ("unique constraint", "duplicate key")):
+                raise
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def copy_datasets(self, source_run: str, dest_run: str) -> None:
         """Record on ``dest_run`` the datasets ``source_run`` used (a stage and its search show their trials' data)."""
@@ -260,6 +267,20 @@ class Tracking:
     def log_folder(self, run_id: str, folder: str | Path, path: str) -> None:
         """Upload every file of ``folder`` as the run's artifacts under ``path``."""
         self.client.log_artifacts(run_id, str(folder), path)
+
+    def log_file(self, run_id: str, file: str | Path, path: str) -> str:
+        """Upload ``file`` as the run's artifact under ``path``; returns its ``runs:/`` URI
+        (see :meth:`download_artifact`)."""
+        self.client.log_artifact(run_id, str(file), path)
+        return f"runs:/{run_id}/{path.strip('/')}/{Path(file).name}"
+
+    def download_artifact(self, uri: str, dest: str | Path) -> Path:
+        """The artifact ``runs:/RUN_ID/PATH`` (as :meth:`log_file` returns), downloaded into ``dest``."""
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        if not uri.startswith("runs:/") or not run_id or not path:
+            raise ValueError(f"artifact URI {uri!r} is not runs:/RUN_ID/PATH")
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dest)))
 
     def log_checkpoint(self, run_id: str, folder: str | Path) -> None:
         """Upload a saved shared model (safetensors + JSON) as the run's ``checkpoint`` artifacts."""

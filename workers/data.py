@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -20,6 +21,7 @@ __all__ = [
     "LR_FOLDER",
     "PatchSampler",
     "check_folder",
+    "data_files",
     "decode_image",
     "default_images",
     "load_folder",
@@ -61,7 +63,7 @@ class ImageSet:
         return ImageSet(self.source, self.names[:count], self.images[:count],
                         {s: lr[:count] for s, lr in self.low_res.items()})
 
-    @property
+    @functools.cached_property  # a worker process keeps its decoded sets (see pipeline.data_cache): hashed once
     def digest(self) -> str:
         """A short SHA-256 of the images' names and pixels (and any paired LR images): the same set, the same digest.
 
@@ -145,6 +147,23 @@ def check_folder(folder: str | Path) -> int:
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise ValueError(f"cannot read image {str(file)!r}: {exc}") from None
     return len(images) + len(shards)
+
+
+def data_files(folder: str | Path) -> list[Path]:
+    """Every file :func:`load_folder` reads from ``folder``: its images or Parquet shards (in it or its ``HR/``) and
+    the images of its ``LR_bicubic/X<s>/`` folders (a paired SR folder), nothing else.
+
+    >>> data_files("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    ValueError: image folder '/nonexistent' does not exist
+    """
+    images, shards = _folder_files(folder)
+    root = Path(folder) / LR_FOLDER
+    scales = sorted(p for p in root.iterdir() if p.is_dir() and _LR_SCALE.fullmatch(p.name)) \
+        if root.is_dir() and not shards else []
+    paired = [p for sub in scales for p in sorted(sub.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return images + shards + paired
 
 
 def write_shard(images: ImageSet, path: str | Path) -> Path:

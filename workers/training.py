@@ -13,10 +13,11 @@ from .data import ImageSet, PatchSampler
 from .models import Family
 from .png import PRUNE_SCOPES, ModelCost, SharedNetwork, TaskCost, model_cost, parse_block_shape, task_cost
 
-__all__ = ["DriftError", "JobResult", "Optimisers", "StageResult", "StageSettings", "prune_schedule", "run_stage",
-           "train_shared"]
+__all__ = ["DriftError", "JobResult", "Optimisers", "Rung", "StageResult", "StageSettings", "StoppedEarly",
+           "prune_schedule", "run_stage", "train_shared"]
 
 Log = Callable[[str], None]
+Rung = Callable[[int, dict[str, float]], bool]  # (step, the task's metrics then) -> whether the stage goes on
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,17 @@ def _stage_optimisers(shared: SharedNetwork, family: Family, settings: StageSett
     return Optimisers.build(param_groups, aux, phases)
 
 
+class StoppedEarly(Exception):
+    """A stage that its rung stopped when growing ended: the task, the step and the task's metrics then."""
+
+    def __init__(self, task: str, step: int, metrics: dict[str, float]) -> None:
+        super().__init__(task, step, metrics)
+        self.task, self.step, self.metrics = task, step, metrics
+
+    def __str__(self) -> str:
+        return f"task {self.task!r} was stopped early at step {self.step}"
+
+
 def run_stage(
     shared: SharedNetwork,
     family: Family,
@@ -155,12 +167,15 @@ def run_stage(
     eval_images: ImageSet,
     log: Log = print,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    at_rung: Rung | None = None,
 ) -> StageResult:
     """Grow ``task`` into ``shared``, prune it, fine-tune it, commit it, then evaluate and cost it.
 
     The task is always pruned to ``prune_ratio`` before it is committed: with no prune and no fine-tune steps, once
     after the last growing step (untuned). ``on_step(step, figures)`` is called with the training figures about
-    ten times per stage.
+    ten times per stage. ``at_rung(step, metrics)`` is called once when growing ends, before pruning starts (in a
+    stage that has steps both before and after that point), with the task's evaluation metrics then; when it
+    returns False the stage stops there with :class:`StoppedEarly`, leaving the task uncommitted.
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -174,7 +189,7 @@ def run_stage(
     pruned = False
     for step in range(settings.total_steps):
         if step == settings.grow_steps:
-            shared.fix_selection()
+            _end_growing(shared, family, task, eval_images, step, at_rung)
         if (step - settings.grow_steps) in schedule:
             shared.prune(schedule[step - settings.grow_steps], settings.prune_scope)  # type: ignore[arg-type]
             pruned = True
@@ -193,14 +208,42 @@ def run_stage(
     if not pruned:  # no prune or fine-tune step ran the schedule
         shared.fix_selection()
         shared.prune(settings.prune_ratio, settings.prune_scope)  # type: ignore[arg-type]
+    metrics, cost = _commit_task(shared, family, task, eval_images)
+    seconds = time.perf_counter() - start
+    log(f"[{task}] committed in {seconds:.1f} s: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return StageResult(task, settings, metrics, cost, seconds, history)
+
+
+def _end_growing(shared: SharedNetwork, family: Family, task: str, eval_images: ImageSet, step: int,
+                 at_rung: Rung | None) -> None:
+    """Ask ``at_rung`` (after at least one growing step) whether the stage goes on, then fix the selection."""
+    if at_rung is not None and step > 0:
+        metrics = _evaluate_in_progress(shared, family, task, eval_images)
+        if not at_rung(step, metrics):
+            raise StoppedEarly(task, step, metrics)
+    shared.fix_selection()
+
+
+def _evaluate_in_progress(shared: SharedNetwork, family: Family, task: str, eval_images: ImageSet) -> dict[str, float]:
+    """The in-progress task's evaluation metrics, training left as it was: the family's derived task-local state
+    (NIC's entropy-coder tables, which its real bitstreams need) is computed first; no random number is drawn."""
+    family.before_commit(shared, task)
+    shared.eval()
+    try:
+        return family.evaluate(shared, task, eval_images)
+    finally:
+        shared.train()
+
+
+def _commit_task(shared: SharedNetwork, family: Family, task: str, eval_images: ImageSet) -> tuple[dict[str, float],
+                                                                                                     TaskCost]:
+    """Commit the in-progress task; its evaluation metrics and cost."""
     family.before_commit(shared, task)
     shared.commit()
     shared.eval()
     metrics = family.evaluate(shared, task, eval_images)
     cost = task_cost(shared, task, *(x.to(shared.device) for x in family.cost_inputs(task)))
-    seconds = time.perf_counter() - start
-    log(f"[{task}] committed in {seconds:.1f} s: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return StageResult(task, settings, metrics, cost, seconds, history)
+    return metrics, cost
 
 
 @dataclass

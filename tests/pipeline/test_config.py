@@ -40,7 +40,9 @@ def test_a_tracking_server_owns_its_artifacts() -> None:
         ("family: sisr\ntasks: []", "field 'tasks' is \\[\\], not a non-empty list"),
         ("family: sisr\ntasks: [x2]\nbudget: {trials: 3}", "budget': unknown field 'trials'"),
         ("family: sisr\ntasks: [x2]\nbudget: {trials_per_stage: 0}", "'trials_per_stage' is 0, must be at least 1"),
-        ("family: sisr\ntasks: [x2]\nbudget: {parallel_trials: '2'}", "'parallel_trials' is '2', not int"),
+        ("family: sisr\ntasks: [x2]\nbudget: {parallel_trials: '2'}", "'parallel_trials' is '2', not a whole number or "
+                                                                 "'auto'"),
+        ("family: sisr\ntasks: [x2]\nbudget: {parallel_trials: 0}", "'parallel_trials' is 0, must be at least 1"),
         ("family: sisr\ntasks: [x2]\nobjectives: {cost: flops}", "'cost' names 'flops', not one of density, "
                                                                 "stored_params, latency"),
         ("family: sisr\ntasks: [x2]\nobjectives: {cost: [latency, latency]}", "list of distinct costs"),
@@ -109,3 +111,18 @@ def test_latency_costs_and_their_input_are_read_and_checked_against_the_family(t
         prepare(load_config(path))
     path.write_text("family: sisr\ntasks: [x2]\nselect: {rule: fastest_within}\n")
     assert load_config(path).measures_latency  # the rule reads latencies, so trials measure them
+    path.write_text("family: sisr\ntasks: [x2]\nobjectives: {cost: density}\n")
+    assert not load_config(path).measures_latency
+    path.write_text("family: sisr\ntasks: [x2]\nobjectives: {cost: density, latency: {rounds: 3}}\n")
+    config = load_config(path)  # timed for the record, though density is what is optimised
+    assert config.measures_latency and config.costs == ("density",) and config.latency_rounds == 3
+
+
+def test_parallel_trials_defaults_to_every_slot_of_the_cluster(tmp_path: Path) -> None:
+    path = tmp_path / "search.yaml"
+    path.write_text("family: sisr\ntasks: [x2]\n")
+    assert load_config(path).parallel_trials is None  # auto: as many at once as the cluster's nodes hold
+    path.write_text("family: sisr\ntasks: [x2]\nbudget: {parallel_trials: auto}\n")
+    assert load_config(path).parallel_trials is None
+    path.write_text("family: sisr\ntasks: [x2]\nbudget: {parallel_trials: 3}\n")
+    assert load_config(path).parallel_trials == 3

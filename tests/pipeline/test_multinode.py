@@ -24,7 +24,8 @@ SPACE = ("family: sisr\nparameters:\n  prune_ratio: {type: float, low: 0.3, high
 def _search(root: Path, name: str, ray: str) -> str:
     """A tiny one-task search whose MLflow and Optuna stores are SQLite files under ``root``."""
     return (f"name: {name}\nfamily: sisr\ntasks: [x2]\narch: {{width: 16, depth: 2, lr_patch: 16}}\n"
-            f"data: {{eval_limit: 1}}\nsearch_space: space.yaml\nbudget: {{trials_per_stage: 2, parallel_trials: 2}}\n"
+            f"data: {{eval_limit: 1}}\nsearch_space: space.yaml\n"
+            f"budget: {{trials_per_stage: 2, parallel_trials: auto}}\n"
             f"tracking: {{uri: 'sqlite:///{root}/mlflow.db'}}\nworkdir: {root}/runs\nray: {ray}\n")
 
 
@@ -117,3 +118,45 @@ def test_trials_spread_over_worker_nodes_and_fall_back_to_the_cpu(root: Path) ->
         for node in nodes:
             node.stop()
         head.stop()
+
+
+@pytest.mark.slow
+def test_a_local_data_folder_reaches_a_clusters_trials_through_the_artifact_store(root: Path) -> None:
+    from PIL import Image
+
+    train = root / "local" / "train"  # a paired SR folder on the driver's disk
+    for name, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+        for sub, size, suffix in (("HR", 48, ""), ("LR_bicubic/X2", 24, "x2")):
+            (train / sub).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (size, size), colour).save(train / sub / f"{name}{suffix}.png")
+    head = RayHead(root / "ray", num_cpus=1)
+    head.root.mkdir()
+    try:
+        head.start()
+        (root / "space.yaml").write_text(SPACE)
+        search = _search(root, "uploaded", "{cpus_per_trial: 1}").replace(
+            "data: {eval_limit: 1}", f"data: {{train: {train}, eval_limit: 1, cache: {root}/cache}}").replace(
+            "trials_per_stage: 2, parallel_trials: auto", "trials_per_stage: 1, parallel_trials: 1")
+        (root / "search.yaml").write_text(search)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        driver = subprocess.run([str(BIN / "pngrow"), "search", "search.yaml", "--ray-address", head.address],
+                                capture_output=True, text=True, timeout=600, cwd=root, env={**env, **head.env()})
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        assert f"data train: uploading '{train}' to the search run" in driver.stdout
+    finally:
+        head.stop()
+    (trial,) = _trials(root)
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    search = client.get_run(trial.data.tags["pngrow.search_id"])
+    assert search.data.tags["pngrow.uploaded_data.train"] == str(train)  # which local folder was uploaded
+    uri = search.data.params["train_data"]
+    digest = uri.rsplit("/", 1)[-1]
+    assert uri == f"runs:/{search.info.run_id}/data/train/{digest}"
+    stored = client.download_artifacts(search.info.run_id, f"data/train/{digest}", str(root / "stored"))
+    assert sorted(str(p.relative_to(stored)) for p in Path(stored).rglob("*.png")) == [
+        "HR/a.png", "HR/b.png", "LR_bicubic/X2/ax2.png", "LR_bicubic/X2/bx2.png"]
+    # The trial read the uploaded copy, fetched into the node's cache under its digest, not the driver's folder.
+    (training,) = [d.dataset for d in trial.inputs.dataset_inputs
+                   if any(t.key == "mlflow.data.context" and t.value == "training" for t in d.tags)]
+    assert json.loads(training.source)["tags"]["mlflow.source.name"] == uri
+    assert sorted(p.name for p in (root / "cache" / "uploads" / digest / "HR").iterdir()) == ["a.png", "b.png"]

@@ -135,28 +135,6 @@ def stage_index(run) -> int:
     return int(run.data.tags["pngrow.stage_index"])
 
 
-def test_training_data_from_an_s3_folder_of_parquet_shards(services, tmp_path: Path, monkeypatch) -> None:
-    from pngrow.pipeline.object_store import fetch_folder
-    from pngrow.pipeline.trial import load_images
-    from pngrow.workers.data import default_images, write_shard
-
-    for key, value in services.env().items():
-        monkeypatch.setenv(key, value)
-    images = default_images("eval")
-    write_shard(images, tmp_path / "part-0.parquet")
-    client = services.s3.client()
-    client.upload_file(str(tmp_path / "part-0.parquet"), "pngrow", "data/train/part-0.parquet")
-    client.put_object(Bucket="pngrow", Key="data/train/nested/ignored.png", Body=b"not read")
-    loaded = load_images("s3://pngrow/data/train", "train", tmp_path / "scratch")
-    assert loaded.names == ("part-0.parquet:astronaut", "part-0.parquet:chelsea")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.images, images.images))
-    with pytest.raises(ValueError, match="S3 folder 's3://pngrow/data/none' is empty or does not exist"):
-        fetch_folder("s3://pngrow/data/none", tmp_path / "none")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    with pytest.raises(ValueError, match="cannot read 's3://pngrow/data/train'"):
-        fetch_folder("s3://pngrow/data/train", tmp_path / "denied")
-
-
 @pytest.mark.parametrize("broken", ["mlflow", "postgres", "s3"])
 def test_an_unreachable_service_is_named_before_anything_starts(services, tmp_path: Path, monkeypatch, capsys,
                                                                 broken: str) -> None:

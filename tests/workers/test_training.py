@@ -52,3 +52,51 @@ def test_a_task_that_changed_is_named_without_assert(monkeypatch: pytest.MonkeyP
     with pytest.raises(training.DriftError, match=r"task 'x2' changed after later tasks were added: psnr was 0\.0 "
                                                   r"at commit, 1\.0 at the end"):
         train_shared(family, [settings], images, images, log=lambda m: None)
+
+
+@pytest.mark.parametrize(("family_name", "arch", "quality"), [
+    ("sisr", {"width": 8, "depth": 1, "lr_patch": 8}, "psnr"),
+    ("nic", {"N": 16, "M": 16, "patch": 64}, "rd_loss"),
+])
+def test_the_rung_sees_the_grown_task_and_changes_nothing_it_lets_go_on(family_name: str, arch: dict,
+                                                                        quality: str) -> None:
+    from pngrow.workers.data import PatchSampler
+    from pngrow.workers.training import StoppedEarly, run_stage
+
+    from pngrow.workers.data import ImageSet
+
+    whole = default_images("eval")
+    images = ImageSet("crop", whole.names[:1], (whole.images[0][:, :128, :128],))  # small: NIC codes it 3 times
+    settings = StageSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=1)
+
+    def stage(at_rung=None):  # noqa: ANN001, ANN202
+        family = get_family(family_name, [family_name == "sisr" and "x2" or "q2"], **arch)
+        torch.manual_seed(0)
+        shared = family.build_shared()
+        sampler = PatchSampler(images, family.patch_size(family.tasks[0]), seed=0)
+        result = run_stage(shared, family, family.tasks[0], settings, sampler, images, log=lambda m: None,
+                           at_rung=at_rung)
+        return result, shared.fingerprint(family.tasks[0])
+
+    calls: list[tuple[int, dict]] = []
+    plain, went_on = stage(), stage(lambda step, metrics: calls.append((step, metrics)) or True)
+    assert [step for step, _ in calls] == [3] and quality in calls[0][1]
+    assert went_on[1] == plain[1] and went_on[0].metrics == plain[0].metrics  # bit-identical: no RNG drawn, no drift
+    with pytest.raises(StoppedEarly) as info:
+        stage(lambda step, metrics: False)
+    assert (info.value.step, info.value.metrics) == (3, calls[0][1])
+    assert str(info.value) == f"task '{went_on[0].task}' was stopped early at step 3"
+
+
+def test_no_rung_without_steps_on_both_sides_of_it() -> None:
+    from pngrow.workers.data import PatchSampler
+    from pngrow.workers.training import run_stage
+
+    family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
+    images = default_images("eval").limit(1)
+
+    for grow, prune in ((0, 2), (2, 0)):
+        shared = family.build_shared()
+        settings = StageSettings(grow_steps=grow, prune_steps=prune, finetune_steps=0, batch_size=1)
+        run_stage(shared, family, "x2", settings, PatchSampler(images, 16, seed=0), images, log=lambda m: None,
+                  at_rung=lambda step, metrics: pytest.fail("no rung in this stage"))

@@ -1,0 +1,244 @@
+"""Training and evaluation images fetched once per node and decoded once per process.
+
+An ``s3://`` folder's objects are kept in a node-local cache folder (the config's ``data: {cache: ...}``, else
+``$PNGROW_CACHE``, else ``~/.cache/pngrow``) under their ETag and size, so an unchanged object is downloaded once per
+node, across trials and searches. A download goes to a temporary name, renamed when complete, under a file lock, so
+the workers of one node racing for an object fetch it once. The driver lists every ``s3://`` source once
+(:func:`list_sources`); a worker lists again and refuses, in one line, an object whose ETag is no longer the listed
+one. A process keeps the last :data:`MEMO_SIZE` image sets it decoded (:func:`load_images`), so a Ray worker that
+runs several trials decodes its data once.
+
+A local folder that workers on other machines cannot read is uploaded once by the driver (:func:`upload_folder`) as
+the search run's artifacts ``data/<split>/<content digest>``; a worker fetches that ``runs:/`` copy into the same
+cache, under its digest (:func:`fetch_upload`), so once per node, and checks it holds what the driver uploaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from ..workers.data import ImageSet, data_files, default_images, load_folder
+from .object_store import changed, download, is_s3, list_folder, object_info
+
+if TYPE_CHECKING:
+    from .tracking import Tracking
+
+__all__ = ["MEMO_SIZE", "Manifest", "cache_folder", "fetch_file", "fetch_folder", "fetch_upload", "is_remote",
+           "list_sources", "load_images", "upload_folder"]
+
+Listing = dict[str, tuple[str, int]]  # an s3:// folder's objects: name -> (ETag, size)
+MEMO_SIZE = 2  # decoded image sets a process keeps: a search's training and evaluation sets
+_decoded: OrderedDict[tuple[str, str], ImageSet] = OrderedDict()
+_UPLOADED = re.compile(r"runs:/[^/]+/data/[^/]+/([0-9a-f]{20})")  # a folder upload_folder uploaded
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the driver listed when the search started: each ``s3://`` folder's objects, each ``s3://`` file's
+    (ETag, size), and the cache folder the config names (None: each node's default)."""
+
+    folders: dict[str, Listing] = field(default_factory=dict)
+    files: dict[str, tuple[str, int]] = field(default_factory=dict)
+    cache: str | None = None
+
+
+def list_sources(folders: Iterable[str | None], files: Iterable[str | None] = (),
+                 cache: str | None = None) -> Manifest:
+    """List the ``s3://`` ones of ``folders`` (image folders) and ``files`` (init weights), once; the rest are skipped.
+
+    >>> list_sources(["/data/train", None], ["dense.safetensors"], "/tmp/cache")
+    Manifest(folders={}, files={}, cache='/tmp/cache')
+    """
+    return Manifest({f: list_folder(f) for f in folders if f and is_s3(f)},
+                    {f: object_info(f) for f in files if f and is_s3(f)}, cache)
+
+
+def is_remote(uri: str | None) -> bool:
+    """Whether ``uri`` names an ``s3://`` object or a ``runs:/`` artifact, not a file on this machine.
+
+    >>> [is_remote(u) for u in ("s3://b/w.safetensors", "runs:/abc/init/w.safetensors", "w.safetensors", None)]
+    [True, True, False, False]
+    """
+    return is_s3(uri) or str(uri).startswith("runs:/")
+
+
+def cache_folder(configured: str | None = None) -> Path:
+    """This node's cache folder, created: ``configured``, else ``$PNGROW_CACHE``, else ``~/.cache/pngrow``.
+
+    >>> cache_folder("/dev/null/pngrow")
+    Traceback (most recent call last):
+    ...
+    ValueError: cache folder '/dev/null/pngrow' is not writable: Not a directory
+    """
+    folder = Path(os.path.expanduser(configured or os.environ.get("PNGROW_CACHE") or "~/.cache/pngrow")).absolute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cache folder {str(folder)!r} is not writable: {exc.strerror or exc}") from None
+    return folder
+
+
+def _once(path: Path, make: Callable[[Path], Path]) -> Path:
+    """``path`` in the cache (a file or a folder), made unless there already: ``make(scratch)`` builds it in an empty
+    scratch folder beside it and returns it, and it is renamed into place, under a file lock, so that the workers of
+    one node racing for it make it once."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.exists():  # another worker of this node may have made it while we waited
+            scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            try:
+                os.replace(make(scratch), path)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def _cached(uri: str, etag: str, size: int, cache: Path) -> Path:
+    """The object ``uri`` in the cache under its ETag and size, downloaded unless the cache holds it already."""
+
+    def fetch(scratch: Path) -> Path:
+        download(uri, scratch / "object", etag)
+        return scratch / "object"
+
+    return _once(cache / "objects" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', etag)}-{size}", fetch)
+
+
+def _digest(listing: Listing) -> str:
+    """A short hash of a folder's listing: the same objects, the same digest.
+
+    >>> _digest({"a.png": ("9b2c", 10)}) == _digest({"a.png": ("9b2c", 10)}) != _digest({"a.png": ("77f0", 10)})
+    True
+    """
+    return hashlib.sha256(json.dumps(sorted(listing.items())).encode()).hexdigest()[:20]
+
+
+def fetch_folder(uri: str, manifest: Manifest | None = None) -> Path:
+    """A local folder holding the objects directly under ``uri`` as the driver listed them (links into the node's
+    cache). One line names an object whose ETag changed since (or that was deleted)."""
+    manifest = manifest or Manifest()
+    now = list_folder(uri)
+    listed = manifest.folders.get(uri, now)
+    base = uri.rstrip("/")
+    for name, (etag, _) in sorted(listed.items()):
+        current = now.get(name, ("none (deleted)", 0))[0]
+        if current != etag:
+            raise changed(f"{base}/{name}", etag, current)
+    cache = cache_folder(manifest.cache)
+    folder = cache / "folders" / _digest(listed)
+    if folder.is_dir() and not all((folder / name).exists() for name in listed):
+        shutil.rmtree(folder, ignore_errors=True)  # links to objects removed from the cache: built again
+
+    def link(scratch: Path) -> Path:
+        for name, (etag, size) in listed.items():
+            (scratch / name).symlink_to(_cached(f"{base}/{name}", etag, size, cache))
+        return scratch
+
+    return _once(folder, link)
+
+
+def fetch_file(uri: str, manifest: Manifest | None = None) -> Path:
+    """The object ``uri`` (init weights, say) from the node's cache; one line when its ETag changed since the driver
+    listed it."""
+    manifest = manifest or Manifest()
+    now = object_info(uri)
+    etag, size = manifest.files.get(uri, now)
+    if now[0] != etag:
+        raise changed(uri, etag, now[0])
+    return _cached(uri, etag, size, cache_folder(manifest.cache))
+
+
+def _content_digest(folder: Path) -> str:
+    """A short hash of the relative path and bytes of every file under ``folder`` (links followed)."""
+    hasher = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as file:
+            hasher.update(f"{path.relative_to(folder).as_posix()}:{hashlib.file_digest(file, 'sha256').hexdigest()};"
+                          .encode())
+    return hasher.hexdigest()[:20]
+
+
+def upload_folder(folder: str, tracking: Tracking, run_id: str, split: str) -> str:
+    """Upload the files a local image ``folder`` holds for pngrow (:func:`~pngrow.workers.data.data_files`: a paired
+    SR folder keeps its ``HR/`` and ``LR_bicubic/X<s>/``) as the run's artifacts ``data/<split>/<content digest>``;
+    returns their ``runs:/`` URI, which :func:`load_images` reads on any node."""
+    root = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="pngrow-upload-") as tmp:
+        for file in data_files(root):
+            link = Path(tmp) / file.relative_to(root)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(file.absolute())
+        path = f"data/{split}/{_content_digest(Path(tmp))}"
+        tracking.log_folder(run_id, tmp, path)
+    return f"runs:/{run_id}/{path}"
+
+
+def fetch_upload(uri: str, tracking: Tracking, manifest: Manifest | None = None) -> Path:
+    """A local copy of a folder :func:`upload_folder` uploaded, in the node's cache under its content digest:
+    downloaded once per node, and refused in one line unless it holds what the driver uploaded."""
+    match = _UPLOADED.fullmatch(uri.rstrip("/"))
+    if match is None:
+        raise ValueError(f"data {uri!r} is not a folder pngrow uploaded (runs:/RUN_ID/data/SPLIT/DIGEST)")
+    digest = match.group(1)
+
+    def fetch(scratch: Path) -> Path:
+        folder = tracking.download_artifact(uri, scratch)
+        found = _content_digest(folder)
+        if found != digest:
+            raise ValueError(f"artifact {uri!r} does not hold the data the driver uploaded: content digest {found}")
+        return folder
+
+    return _once(cache_folder(manifest.cache if manifest else None) / "uploads" / digest, fetch)
+
+
+def _stat_digest(folder: str) -> str:
+    """A short hash of the names, sizes and modification times of every file under ``folder``."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:20]
+
+
+def load_images(source: str | None, split: str, manifest: Manifest | None = None,
+                tracking: Tracking | None = None) -> ImageSet:
+    """Images from a folder, an ``s3://`` prefix or a ``runs:/`` folder the driver uploaded (through the node's cache;
+    the latter from ``tracking``) or scikit-image's photos (None), decoded once per process: the same source with the
+    same content gives the same :class:`ImageSet` object.
+
+    >>> load_images(None, "eval") is load_images(None, "eval")
+    True
+    """
+    load: Callable[[], ImageSet]
+    if source is None:
+        key, load = (f"skimage.data ({split})", ""), lambda: default_images(split)
+    elif is_remote(source):
+        if is_s3(source):
+            folder = fetch_folder(source, manifest)
+        elif tracking is not None:
+            folder = fetch_upload(source, tracking, manifest)
+        else:
+            raise ValueError(f"data {source!r} is an MLflow artifact: reading it needs the tracking server")
+        key, load = (source, folder.name), lambda: dataclasses.replace(load_folder(folder), source=source)
+    else:
+        key, load = (source, _stat_digest(source)), lambda: load_folder(source)
+    images = _decoded.pop(key, None)
+    if images is None:
+        images = load()
+    _decoded[key] = images
+    while len(_decoded) > MEMO_SIZE:
+        _decoded.popitem(last=False)
+    return images

@@ -1,0 +1,131 @@
+"""A worker node dies mid-stage: on a Ray head plus two GPU worker nodes, with the real services (PostgreSQL, S3
+artifacts behind an MLflow server), the raylet of the node running a trial is killed while that trial trains. Only
+that trial is affected (Ray reruns it on a surviving node, or it fails with its cause), and the search finishes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from tests.services import BIN, RayHead, RayNode, cluster_nodes, short_tempdir
+
+pytestmark = pytest.mark.slow
+
+SPACE = ("family: sisr\nparameters:\n  prune_ratio: {type: float, low: 0.3, high: 0.6, default: 0.5}\n"
+         "fixed: {grow_steps: 600, prune_steps: 100, finetune_steps: 100, batch_size: 4, block_shape: 4x4, "
+         "lr: 1.0e-3}\n")
+
+
+def _config(name: str, services, head: RayHead) -> str:
+    return (f"name: {name}\nfamily: sisr\ntasks: [x2]\narch: {{width: 16, depth: 2, lr_patch: 16}}\n"
+            f"data: {{eval_limit: 1}}\nsearch_space: space.yaml\nbudget: {{trials_per_stage: 3, parallel_trials: 2}}\n"
+            f"tracking: {{uri: '{services.mlflow.uri}'}}\noptuna_storage: '{services.postgres.url('optuna')}'\n"
+            f"ray: {{address: '{head.address}', gpus_per_trial: 1, device: auto, max_retries: 1}}\n")
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = short_tempdir("pngrow-nl-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _trials(client: MlflowClient, search_id: str | None = None) -> list:
+    experiment = client.get_experiment_by_name("pngrow")
+    if experiment is None:
+        return []
+    query = "tags.`pngrow.kind` = 'trial'" + (f" and tags.`pngrow.search_id` = '{search_id}'" if search_id else "")
+    return client.search_runs([experiment.experiment_id], query, max_results=1000)
+
+
+def _training_on(client: MlflowClient, nodes: dict[str, RayNode], before: set[str], driver: subprocess.Popen,
+                 timeout: float = 240) -> tuple[str, str]:
+    """(run id, node id) of this search's first trial seen training on a worker node."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the search ended before any trial trained on a worker node"
+        for run in _trials(client):
+            node = run.data.tags.get("pngrow.ray_node")
+            if run.info.run_id not in before and node in nodes and any(k.startswith("train/") for k in run.data.metrics):
+                return run.info.run_id, node
+        time.sleep(0.5)
+    raise AssertionError("no trial started training on a worker node")
+
+
+def _kill_raylet(node: RayNode) -> None:
+    """SIGKILL the node's raylet, as a machine losing its Ray daemon would."""
+    children = psutil.Process(node.process.pid).children(recursive=True)  # type: ignore[union-attr]
+    (raylet,) = [p for p in children if p.name() == "raylet"]
+    os.kill(raylet.pid, signal.SIGKILL)
+
+
+def test_killing_a_worker_nodes_raylet_mid_stage_loses_only_its_trial(services, root: Path) -> None:
+    head = RayHead(root / "ray", num_cpus=1)
+    head.root.mkdir()
+    nodes = [RayNode(head, root / f"node{i}.log", num_cpus=1, num_gpus=1) for i in range(2)]
+    client = MlflowClient(services.mlflow.uri)
+    try:
+        head.start()
+        for node in nodes:
+            node.start()
+        gpu_nodes = {node_id for node_id, resources in cluster_nodes(head, 3).items() if resources.get("GPU")}
+        (root / "space.yaml").write_text(SPACE)
+        (root / "search.yaml").write_text(_config("node-loss", services, head))
+        before = {run.info.run_id for run in _trials(client)}
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **services.s3.env(), **head.env()}
+        with open(root / "driver.log", "w") as log:
+            driver = subprocess.Popen([str(BIN / "pngrow"), "search", "search.yaml", "--quiet"], cwd=root, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        try:
+            by_node = _node_processes(nodes)
+            assert set(by_node) == gpu_nodes
+            victim_run, victim_node = _training_on(client, by_node, before, driver)
+            _kill_raylet(by_node[victim_node])
+            killed_at = time.monotonic()
+            assert driver.wait(600) == 0, (root / "driver.log").read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        recovered_in = time.monotonic() - killed_at
+        search_id = client.get_run(victim_run).data.tags["pngrow.search_id"]
+        trials = _trials(client, search_id)
+        assert len(trials) == 3 and all(t.info.status in {"FINISHED", "FAILED"} for t in trials)  # none left RUNNING
+        victim = client.get_run(victim_run)
+        if victim.info.status == "FINISHED":  # Ray reran it on the surviving node
+            assert victim.data.tags["pngrow.ray_node"] != victim_node
+        else:
+            assert "pngrow.error" in victim.data.tags
+        others = [t for t in trials if t.info.run_id != victim_run]
+        assert all(t.info.status == "FINISHED" and t.data.tags["pngrow.ray_node"] != victim_node for t in others)
+        assert all(t.info.artifact_uri.startswith("s3://") for t in trials)  # checkpoints only through S3
+        search = client.get_run(search_id)
+        assert search.info.status == "FINISHED"
+        chosen = client.get_run(client.search_runs(
+            [search.info.experiment_id], f"tags.`pngrow.search_id` = '{search_id}' and tags.`pngrow.kind` = 'stage'"
+        )[0].data.tags["pngrow.chosen_trial_run"])
+        assert chosen.info.status == "FINISHED"
+        print(f"victim trial {victim.info.status}; search finished {recovered_in:.0f} s after the kill")
+    finally:
+        for node in nodes:
+            node.stop()
+        head.stop()
+
+
+def _node_processes(nodes: list[RayNode]) -> dict[str, RayNode]:
+    """Each worker node by its Ray node id (its raylet's ``--node_id`` argument)."""
+    ids: dict[str, RayNode] = {}
+    for node in nodes:
+        children = psutil.Process(node.process.pid).children(recursive=True)  # type: ignore[union-attr]
+        (raylet,) = [p for p in children if p.name() == "raylet"]
+        (arg,) = [a for a in raylet.cmdline() if a.startswith("--node_id=")]
+        ids[arg.split("=", 1)[1]] = node
+    return ids
