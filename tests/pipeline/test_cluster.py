@@ -36,12 +36,15 @@ def test_an_explicit_address_is_used_as_given(address: str) -> None:
 class _FakeRay:
     """Stands in for ray.init and the cluster's resources; records what ray.init was given."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, resources: dict[str, float]) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, resources: dict[str, float],
+                 nodes: list[dict[str, Any]] | None = None) -> None:
         self.calls: list[dict[str, Any]] = []
         self.shutdowns = 0
+        self.nodes = nodes if nodes is not None else [{"Alive": True, "Resources": resources}]
         monkeypatch.setattr(ray, "is_initialized", lambda: False)
         monkeypatch.setattr(ray, "init", lambda **kwargs: self.calls.append(kwargs))
         monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+        monkeypatch.setattr(ray, "nodes", lambda: self.nodes)
         monkeypatch.setattr(ray, "shutdown", self._shutdown)
         monkeypatch.setattr(cluster_module, "probe", lambda target: None)
 
@@ -72,6 +75,21 @@ def test_the_embedded_default_passes_local_and_its_cpus(monkeypatch: pytest.Monk
     assert (cluster.device, cluster.slots) == ("cpu", 3)
     cluster.close()
     assert fake.shutdowns == 1
+
+
+def test_slots_are_what_each_alive_node_holds_read_as_nodes_come_and_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = lambda cpus, gpus=0.0, alive=True: {"Alive": alive, "Resources": {"CPU": cpus, "GPU": gpus}}  # noqa: E731
+    fake = _FakeRay(monkeypatch, {"CPU": 3.0, "GPU": 2.0}, [node(1.0), node(1.0, 1.0), node(1.0, 1.0)])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = Cluster(RayOptions(num_cpus=3, gpus_per_trial=1.0))
+    assert (cluster.device, cluster.slots) == ("cuda", 2)
+    fake.nodes[2]["Alive"] = False  # a GPU node lost
+    assert cluster.slots == 1
+    fake.nodes += [node(4.0, 2.0)]  # a node with two GPUs joins (an autoscaler)
+    assert cluster.slots == 3
+    cpu = Cluster(RayOptions(num_cpus=3, cpus_per_trial=2, device="cpu"))
+    fake.nodes[:] = [node(1.0), node(1.0), node(3.0)]
+    assert cpu.slots == 1  # a trial runs on one node: the one-CPU nodes hold no 2-CPU trial, the 3-CPU node one
 
 
 def test_a_process_already_connected_to_ray_keeps_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
