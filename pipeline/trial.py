@@ -223,7 +223,7 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
             tracking.log_dataset(spec.run_id, f"{context} images ({len(images)})", source, images.digest, context)
         started = time.time()
         result, rung = _train(spec, tracking, family, shared, settings, sampler, evaluation, started)
-        ended = time.time()
+        ended = started + result.step_seconds  # gradient steps only: logging, evaluations, the commit are overhead
         stored = model_cost(shared).stored_params
         speed = _speed(spec, family, shared)
         family.save(shared.cpu(), scratch / "checkpoint")

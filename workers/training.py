@@ -75,6 +75,7 @@ class StageResult:
     cost: TaskCost
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
+    step_seconds: float = 0.0  # of ``seconds``, those in gradient steps (not callbacks, evaluations or the commit)
 
 
 @dataclass
@@ -187,9 +188,13 @@ def run_stage(
     history: list[dict[str, float]] = []
     every = max(1, settings.total_steps // 10)
     pruned = False
+    aside = 0.0  # seconds in the rung's evaluation and the callbacks: not training
+    loop_start = time.perf_counter()
     for step in range(settings.total_steps):
         if step == settings.grow_steps:
+            begun = time.perf_counter()
             _end_growing(shared, family, task, eval_images, step, at_rung)
+            aside += time.perf_counter() - begun
         if (step - settings.grow_steps) in schedule:
             shared.prune(schedule[step - settings.grow_steps], settings.prune_scope)  # type: ignore[arg-type]
             pruned = True
@@ -201,17 +206,26 @@ def run_stage(
             raise FloatingPointError(f"task {task!r}: training loss became {loss.item()} at step {step}")
         optimisers.step(loss, lambda: family.aux_loss(shared))
         if step % every == 0 or step == settings.total_steps - 1:
-            history.append({"step": step, **figures})
-            if on_step is not None:
-                on_step(step, figures)
-            log(f"[{task}] step {step + 1}/{settings.total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+            aside += _report_step(history, task, step, settings.total_steps, figures, on_step, log)
+    step_seconds = time.perf_counter() - loop_start - aside
     if not pruned:  # no prune or fine-tune step ran the schedule
         shared.fix_selection()
         shared.prune(settings.prune_ratio, settings.prune_scope)  # type: ignore[arg-type]
     metrics, cost = _commit_task(shared, family, task, eval_images)
     seconds = time.perf_counter() - start
     log(f"[{task}] committed in {seconds:.1f} s: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return StageResult(task, settings, metrics, cost, seconds, history)
+    return StageResult(task, settings, metrics, cost, seconds, history, step_seconds)
+
+
+def _report_step(history: list[dict[str, float]], task: str, step: int, total: int, figures: dict[str, float],
+                 on_step: Callable[[int, dict[str, float]], None] | None, log: Log) -> float:
+    """Keep a step's figures in ``history`` and pass them on; returns the seconds that took (not training)."""
+    begun = time.perf_counter()
+    history.append({"step": step, **figures})
+    if on_step is not None:
+        on_step(step, figures)
+    log(f"[{task}] step {step + 1}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+    return time.perf_counter() - begun
 
 
 def _end_growing(shared: SharedNetwork, family: Family, task: str, eval_images: ImageSet, step: int,

@@ -100,3 +100,19 @@ def test_no_rung_without_steps_on_both_sides_of_it() -> None:
         settings = StageSettings(grow_steps=grow, prune_steps=prune, finetune_steps=0, batch_size=1)
         run_stage(shared, family, "x2", settings, PatchSampler(images, 16, seed=0), images, log=lambda m: None,
                   at_rung=lambda step, metrics: pytest.fail("no rung in this stage"))
+
+
+def test_step_seconds_count_gradient_steps_not_the_callbacks_or_the_rung() -> None:
+    import time
+
+    from pngrow.workers.data import PatchSampler
+    from pngrow.workers.training import run_stage
+
+    family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
+    images = default_images("eval").limit(1)
+    settings = StageSettings(grow_steps=10, prune_steps=5, finetune_steps=5, batch_size=1)
+    slow = lambda *args: time.sleep(0.1) or True  # noqa: E731 - a tracking server that takes 0.1 s per call
+    result = run_stage(family.build_shared(), family, "x2", settings, PatchSampler(images, 16, seed=0), images,
+                       log=lambda m: None, on_step=slow, at_rung=slow)
+    calls = len(result.history) + 1  # every reported step, and the rung
+    assert 0 < result.step_seconds < result.seconds - 0.1 * calls
