@@ -9,7 +9,6 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -20,27 +19,16 @@ from pngrow.pipeline.data_cache import (MEMO_SIZE, Manifest, cache_folder, fetch
                                         load_images)
 from pngrow.pipeline.object_store import bytes_fetched, download, list_folder, object_info
 from pngrow.workers.data import default_images, write_shard
-from tests.services import SeaweedS3, short_tempdir
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[SeaweedS3]:
-    root = short_tempdir("pngrow-s3-")
-    store = SeaweedS3(root / "s3", bucket="pngrow")
-    store.root.mkdir()
-    try:
-        store.start()
-        yield store
-    finally:
-        store.stop()
-        shutil.rmtree(root, ignore_errors=True)
+from tests.services import SeaweedS3
 
 
 @pytest.fixture
-def s3_env(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> SeaweedS3:
-    for key, value in s3.env().items():
+def s3_env(services, monkeypatch: pytest.MonkeyPatch) -> SeaweedS3:
+    """The session's S3 (one SeaweedFS per test session: MLflow caches its boto3 client by endpoint, not by
+    credentials, so a second S3 given the same port later would be asked with the first one's keys)."""
+    for key, value in services.s3.env().items():
         monkeypatch.setenv(key, value)
-    return s3
+    return services.s3
 
 
 def _png(colour: tuple[int, int, int], size: int = 40) -> bytes:
@@ -51,8 +39,8 @@ def _png(colour: tuple[int, int, int], size: int = 40) -> bytes:
 
 def _upload(s3: SeaweedS3, prefix: str, objects: dict[str, bytes]) -> str:
     for name, body in objects.items():
-        s3.client().put_object(Bucket="pngrow", Key=f"{prefix}/{name}", Body=body)
-    return f"s3://pngrow/{prefix}"
+        s3.client().put_object(Bucket="pngrow", Key=f"data-cache-test/{prefix}/{name}", Body=body)
+    return f"s3://pngrow/data-cache-test/{prefix}"
 
 
 @pytest.mark.slow
@@ -94,7 +82,7 @@ def test_an_object_that_changed_during_the_search_is_refused_in_one_line(s3_env:
         download(f"{uri}/a.png", tmp_path / "a.png", old)  # S3 itself refuses the old ETag
     assert "\n" not in str(caught.value) and not (tmp_path / "a.png").exists()
     relisted = list_sources([uri], cache=str(tmp_path / "cache"))
-    s3_env.client().delete_object(Bucket="pngrow", Key="changed/train/b.png")
+    s3_env.client().delete_object(Bucket="pngrow", Key="data-cache-test/changed/train/b.png")
     with pytest.raises(ValueError, match="b.png' changed during the search: ETag .* now none \\(deleted\\)"):
         fetch_folder(uri, relisted)
     weights = _upload(s3_env, "changed", {"w.safetensors": b"first"}) + "/w.safetensors"
@@ -117,7 +105,7 @@ def test_training_data_from_an_s3_folder_of_parquet_shards(s3_env: SeaweedS3, tm
     with pytest.raises(ValueError, match="S3 folder 's3://pngrow/shards/none' is empty or does not exist"):
         list_folder("s3://pngrow/shards/none")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    with pytest.raises(ValueError, match="cannot read 's3://pngrow/shards/train'"):
+    with pytest.raises(ValueError, match="cannot read 's3://pngrow/data-cache-test/shards/train'"):
         list_folder(uri)
 
 
