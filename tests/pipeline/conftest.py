@@ -28,7 +28,7 @@ def services() -> Iterator[Services]:
     try:
         postgres = Postgres(root / "pg")
         postgres.root.mkdir()
-        postgres.start(["mlflow", "optuna", "optuna_faults"])  # the fault tests keep their studies apart
+        postgres.start(["mlflow", "optuna", "optuna_faults", "optuna_nodes"])  # studies of tests kept apart
         started.append(postgres)
         s3 = SeaweedS3(root / "s3", bucket="pngrow")
         s3.root.mkdir()

@@ -28,7 +28,7 @@ SPACE = ("family: sisr\nparameters:\n  prune_ratio: {type: float, low: 0.3, high
 def _config(name: str, services, head: RayHead) -> str:
     return (f"name: {name}\nfamily: sisr\ntasks: [x2]\narch: {{width: 16, depth: 2, lr_patch: 16}}\n"
             f"data: {{eval_limit: 1}}\nsearch_space: space.yaml\nbudget: {{trials_per_stage: 3, parallel_trials: 2}}\n"
-            f"tracking: {{uri: '{services.mlflow.uri}'}}\noptuna_storage: '{services.postgres.url('optuna')}'\n"
+            f"tracking: {{uri: '{services.mlflow.uri}'}}\noptuna_storage: '{services.postgres.url('optuna_nodes')}'\n"
             f"ray: {{address: '{head.address}', gpus_per_trial: 1, device: auto, max_retries: 1}}\n")
 
 
