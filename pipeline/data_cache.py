@@ -119,13 +119,13 @@ def _cached(uri: str, etag: str, size: int, cache: Path) -> Path:
     return _once(cache / "objects" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', etag)}-{size}", fetch)
 
 
-def _digest(listing: Listing) -> str:
-    """A short hash of a folder's listing: the same objects, the same digest.
+def _digest(value: object) -> str:
+    """A short hash of ``value`` as JSON: a folder's listing or its files' stats; the same value, the same digest.
 
-    >>> _digest({"a.png": ("9b2c", 10)}) == _digest({"a.png": ("9b2c", 10)}) != _digest({"a.png": ("77f0", 10)})
+    >>> _digest(sorted({"a.png": ("9b2c", 10)}.items())) != _digest(sorted({"a.png": ("77f0", 10)}.items()))
     True
     """
-    return hashlib.sha256(json.dumps(sorted(listing.items())).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:20]
 
 
 def fetch_folder(uri: str, manifest: Manifest | None = None) -> Path:
@@ -140,7 +140,7 @@ def fetch_folder(uri: str, manifest: Manifest | None = None) -> Path:
         if current != etag:
             raise changed(f"{base}/{name}", etag, current)
     cache = cache_folder(manifest.cache)
-    folder = cache / "folders" / _digest(listed)
+    folder = cache / "folders" / _digest(sorted(listed.items()))
     if folder.is_dir() and not all((folder / name).exists() for name in listed):
         shutil.rmtree(folder, ignore_errors=True)  # links to objects removed from the cache: built again
 
@@ -209,8 +209,7 @@ def fetch_upload(uri: str, tracking: Tracking, manifest: Manifest | None = None)
 def _stat_digest(folder: str) -> str:
     """A short hash of the names, sizes and modification times of every file under ``folder``."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    stats = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:20]
+    return _digest([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
 def load_images(source: str | None, split: str, manifest: Manifest | None = None,

@@ -288,8 +288,7 @@ class Tracking:
 
     def download_checkpoint(self, run_id: str, dest: str | Path) -> Path:
         """The run's ``checkpoint`` artifacts, downloaded into ``dest``."""
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, "checkpoint", str(dest)))
+        return self.download_artifact(f"runs:/{run_id}/checkpoint", dest)
 
     def copy_checkpoint(self, source_run: str, dest_run: str) -> None:
         """Log ``source_run``'s checkpoint on ``dest_run`` too."""
