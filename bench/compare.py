@@ -3,8 +3,9 @@
 Systems, each trained for ``steps`` gradient steps per task at the same batch size, learning rate and schedule:
 
 * ``separate``: one dense model per task (CompressAI's per-quality zoo, BasicSR's per-scale EDSR runs);
-* ``png-<block>[-active]``: one PnG shared model per block shape (grow 60%, prune 20%, fine-tune 20% of the steps);
-  ``-active`` prunes with ``prune_scope="active"`` (a later task's reused blocks are pruned too, so it compacts);
+* ``png-<block>[-active][-r<ratio>]``: one PnG shared model per block spec ``<shape>[/active][@<ratio>]`` (grow
+  60%, prune 20%, fine-tune 20% of the steps); ``-active`` prunes with ``prune_scope="active"`` (a later task's reused
+  blocks are pruned too, so it compacts), ``-r<ratio>`` to that prune ratio instead of the budget's 0.5;
 * ``joint``: one fully shared model trained on all tasks in turn (see :mod:`bench.baselines`).
 
 Measured per task: PSNR and MS-SSIM (SISR on Y, border cropped by the scale; NIC on RGB), bpp from real bitstreams
@@ -54,7 +55,7 @@ class Budget:
     eval_images: int | None  # the first N of the evaluation folder; None for all
     latency_size: int  # side of the square input latency is measured on
     latency_rounds: int
-    block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<prune scope>]"
+    block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<prune scope>][@<ratio>]"
     prune_ratio: float = 0.5
     reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects
 
@@ -90,10 +91,26 @@ class Row:
         return {**out, **self.metrics, **self.extra}
 
 
+def _parse_spec(spec: str) -> tuple[str, str, float | None]:
+    """A PnG system's block shape, pruning scope and prune ratio (None: the budget's) from its spec
+    ``<shape>[/<scope>][@<ratio>]``.
+
+    >>> _parse_spec("8x1024/active@0.4"), _parse_spec("4x4")
+    (('8x1024', 'active', 0.4), ('4x4', 'own', None))
+    """
+    rest, _, ratio = spec.partition("@")
+    shape, _, scope = rest.partition("/")
+    try:
+        return shape, scope or "own", float(ratio) if ratio else None
+    except ValueError:
+        raise ValueError(f"prune ratio {ratio!r} is not a number") from None
+
+
 def _system(spec: str) -> str:
-    """A PnG system's name from its block spec: ``8x1024/active`` is ``png-8x1024-active``."""
-    shape, _, scope = spec.partition("/")
-    return f"png-{shape}" + (f"-{scope}" if scope and scope != "own" else "")
+    """A PnG system's name from its block spec: ``8x1024/active`` is ``png-8x1024-active``, ``8x1024/active@0.40``
+    ``png-8x1024-active-r0.4``."""
+    shape, scope, ratio = _parse_spec(spec)
+    return f"png-{shape}" + (f"-{scope}" if scope != "own" else "") + (f"-r{ratio:g}" if ratio is not None else "")
 
 
 def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> StageSettings:
@@ -102,10 +119,11 @@ def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> Stage
                              batch_size=budget.batch_size, lr=budget.lr, seed=seed)
     grow = round(0.6 * budget.steps)
     prune = round(0.2 * budget.steps)
-    shape, _, scope = block_shape.partition("/")
-    return StageSettings(block_shape=parse_block_shape(shape), prune_ratio=budget.prune_ratio, grow_steps=grow,
-                         prune_steps=prune, finetune_steps=budget.steps - grow - prune, batch_size=budget.batch_size,
-                         lr=budget.lr, reuse_penalty=budget.reuse_penalty, prune_scope=scope or "own", seed=seed)
+    shape, scope, ratio = _parse_spec(block_shape)
+    return StageSettings(block_shape=parse_block_shape(shape), prune_ratio=budget.prune_ratio if ratio is None else ratio,
+                         grow_steps=grow, prune_steps=prune, finetune_steps=budget.steps - grow - prune,
+                         batch_size=budget.batch_size, lr=budget.lr, reuse_penalty=budget.reuse_penalty,
+                         prune_scope=scope, seed=seed)
 
 
 @dataclass
@@ -346,8 +364,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="override the side of the square input latency is timed on")
     parser.add_argument("--latency-rounds", type=int, default=None, help="override how many rounds latency is timed")
     parser.add_argument("--block-shapes", default=None,
-                        help="PnG systems, comma separated: a block shape and optionally /active, the pruning scope "
-                             "(e.g. 4x4,8x1024,8x1024/active)")
+                        help="PnG systems, comma separated: a block shape, optionally /active (the pruning scope) "
+                             "and @RATIO (the prune ratio; default 0.5), e.g. 4x4,8x1024,8x1024/active@0.4")
     parser.add_argument("--reuse-penalty", type=float, default=None,
                         help="PnG's loss weight on the share of earlier blocks a later task reuses (default 0)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")

@@ -278,11 +278,18 @@ class _Search(_Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("config", help="search config YAML, e.g. search_spaces/examples/tiny-sisr.yaml")
+        parser.add_argument("--smoke-test", action="store_true",
+                            help="check the whole search on its services, cluster and data in minutes: one trial per "
+                                 "stage, a few steps each (named <name>-smoke-test; not for promotion)")
         _search_options(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        result = _drive_search(args, _search_config(args, args.config))
-        print(f"promote it: pngrow promote {result.search_id} --name NAME")
+        from .config import as_smoke_test
+
+        config = _search_config(args, args.config)
+        result = _drive_search(args, as_smoke_test(config) if args.smoke_test else config)
+        if not args.smoke_test:
+            print(f"promote it: pngrow promote {result.search_id} --name NAME")
         return 0
 
 

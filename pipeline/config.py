@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,8 @@ import yaml
 
 from .._validation import ConfigError, check_keys, typed
 
-__all__ = ["COST_OBJECTIVES", "RAY_DEVICES", "EarlyStopping", "RayOptions", "SearchConfig", "flat_params",
-           "load_config", "public_config", "redact", "tracking_uri"]
+__all__ = ["COST_OBJECTIVES", "RAY_DEVICES", "EarlyStopping", "RayOptions", "SearchConfig", "as_smoke_test",
+           "flat_params", "load_config", "public_config", "redact", "tracking_uri"]
 
 
 def tracking_uri(uri: str | None = None, workdir: str = "pngrow-runs") -> str:
@@ -106,6 +106,7 @@ class SearchConfig:
     workdir: str = "pngrow-runs"
     init: str | None = None  # dense safetensors weights task 1 starts from: a file (uploaded), s3:// or runs:/ URI
     base_model: str | None = None  # a released shared model (folder or models:/ URI) that ``tasks`` grow into
+    smoke_test: bool = False  # a check of the search's whole path, not a model to promote (see as_smoke_test)
 
     @property
     def cost(self) -> str:
@@ -284,6 +285,22 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         init=_optional(raw, "init", where, str),
         base_model=_optional(raw, "base_model", where, str),
     )
+
+
+def as_smoke_test(config: SearchConfig) -> SearchConfig:
+    """``config`` cut to a check that it runs end to end on its own services, cluster and data (every stage, the
+    final check, the pictures) in minutes: one trial per stage at the space's defaults, trained a few steps
+    (:meth:`~pngrow.search_spaces.SearchSpace.smoke`), one evaluation image, latency over 2 rounds, no early
+    stopping. Its search is named ``<name>-smoke-test`` and cannot be promoted.
+
+    >>> smoke = as_smoke_test(SearchConfig(family="sisr", tasks=["x2"], name="edsr"))
+    >>> smoke.name, smoke.trials_per_stage, smoke.eval_limit
+    ('edsr-smoke-test', 1, 1)
+    """
+    if config.smoke_test:
+        return config
+    return replace(config, smoke_test=True, name=f"{config.name}-smoke-test", trials_per_stage=1, eval_limit=1,
+                   early_stopping=None, latency_rounds=min(config.latency_rounds, 2))
 
 
 def _costs(value: Any, field: str) -> tuple[str, ...]:

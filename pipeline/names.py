@@ -32,6 +32,7 @@ TASK_ORDER = PREFIX + "task_order"  # comma-separated tasks up to this stage
 GROWN_FROM_RUN = PREFIX + "grown_from_run"  # the stage (or base) run whose checkpoint this one started from
 OPTUNA_STUDY = PREFIX + "optuna_study"
 OPTUNA_TRIAL = PREFIX + "optuna_trial"
+SMOKE_TEST = PREFIX + "smoke_test"  # "true" on every run of a ``--smoke-test`` search: a check, never promoted
 # A search's.
 TASKS = PREFIX + "tasks"  # comma-separated, every task of the model (also on a registered model version)
 FAMILY = PREFIX + "family"

@@ -93,6 +93,8 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> Plan:
             raise ValueError("growing a base model needs a scratch folder to fetch it into")
         base, family = _resolve_base(config, scratch)
     space = load_search_space(config.search_space or config.family)
+    if config.smoke_test:
+        space = space.smoke()
     if space.family != family.name:
         raise ConfigError(f"search space {space.name!r} is for family {space.family!r}, not {family.name!r}")
     quality = config.quality or family.quality_metric

@@ -73,8 +73,11 @@ def promote(tracking: Tracking, ref: str, name: str, alias: str | None = "champi
                               or re.fullmatch(r"latest|[vV][0-9]+", alias)):
         raise ValueError(f"alias {alias!r} must be letters, digits, '_', '-' or '.', and not 'latest' or 'vN'")
     run = resolve_run(tracking, ref)
-    uri = _model_uri(tracking, run)
     tags = run.data.tags
+    if tags.get(names.SMOKE_TEST) == "true":
+        raise ValueError(f"{ref!r} is the model of smoke test {tags.get(names.SEARCH_ID, run.info.run_id)} (pngrow "
+                         "search --smoke-test), trained a few steps only: promote a search run without --smoke-test")
+    uri = _model_uri(tracking, run)
     lineage = {
         names.SOURCE_RUN: run.info.run_id,
         names.SEARCH_ID: tags.get(names.SEARCH_ID, run.info.run_id),

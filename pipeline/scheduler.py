@@ -37,7 +37,7 @@ def run_study(ctx: SearchContext, index: int, parent: str | None, resumed_run: s
                      ctx.storage)
     lineage = {names.SEARCH_ID: ctx.search_id, names.TASK: task, names.STAGE_INDEX: index,
                names.TASK_ORDER: ",".join(ctx.plan.family.tasks[: index + 1]), names.GROWN_FROM_RUN: parent or "",
-               names.OPTUNA_STUDY: study_name}
+               names.OPTUNA_STUDY: study_name, **({names.SMOKE_TEST: "true"} if ctx.config.smoke_test else {})}
     recovered = Recovered()
     if resumed_run is None:
         stage_run = ctx.tracking.start_run(f"stage {index + 1}: {task}", {names.KIND: Kind.STAGE, **lineage},

@@ -104,7 +104,7 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
         log(f"Ray: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; trials ask for "
             f"{'a GPU' if cluster.device == 'cuda' else 'CPUs'} (device {config.ray.device}), {ctx.parallel} at a time")
         idle = -config.trials_per_stage % ctx.parallel
-        if idle:
+        if idle and not config.smoke_test:  # a smoke test's one trial per stage is meant to run alone
             log(f"note: {config.trials_per_stage} trials per stage on {ctx.parallel} slots leave {idle} slot(s) idle "
                 f"while each stage's last trials run; {config.trials_per_stage + idle} would fill them")
         stages = _run_stages(ctx, resumed is not None)
@@ -143,6 +143,8 @@ def _start_search_run(plan: Plan, tracking: Tracking, upload_data: bool = False,
     tags = {names.SEARCH_ID: search_id, names.QUALITY: plan.quality, names.COST: config.cost}
     if plan.base is not None:
         tags[names.GROWN_FROM_MODEL] = plan.base.label
+    if config.smoke_test:
+        tags[names.SMOKE_TEST] = "true"
     tracking.log(search_id, params=flat_params(config), tags=tags)
     _log_config(plan, tracking, search_id)
     tracking.describe(search_id, describe_search(plan))
@@ -189,7 +191,9 @@ def describe_search(plan: Plan) -> str:
     return (f"**pngrow search `{config.name}`**: {config.family} tasks {', '.join(config.tasks)}{grown}, one stage "
             f"per task in that order.\n\nEach stage searches {searched} (space `{space.name}`) over "
             f"{config.trials_per_stage} trials for {plan.quality} against {', '.join(config.costs)}, and hands on "
-            f"the trial `{config.rule}` picks (tolerance {config.tolerance:g}).{stops}")
+            f"the trial `{config.rule}` picks (tolerance {config.tolerance:g}).{stops}"
+            + ("\n\n**Smoke test** (`--smoke-test`): a few training steps per stage, to check the search runs; its "
+               "model is not for promotion." if config.smoke_test else ""))
 
 
 def _reopen_search_run(tracking: Tracking, search_id: str) -> str:

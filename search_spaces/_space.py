@@ -20,6 +20,8 @@ SETTING_NAMES = tuple(f.name for f in fields(StageSettings) if f.name != "seed")
 # Numeric settings: their values may be written as text (PyYAML reads 1.0e30, with no exponent sign, as a string).
 _NUMERIC = {f.name: str(f.type) for f in fields(StageSettings) if str(f.type) in ("int", "float")}
 _KINDS = ("float", "int", "categorical")
+# A smoke test's training: a few steps of each phase, on small batches (see SearchSpace.smoke).
+SMOKE_SETTINGS = {"grow_steps": 4, "prune_steps": 2, "finetune_steps": 2, "batch_size": 2}
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,16 @@ class SearchSpace:
     family: str
     parameters: dict[str, Parameter]
     fixed: dict[str, Any]
+
+    def smoke(self) -> SearchSpace:
+        """This space cut to a check that a search runs end to end (``pngrow search --smoke-test``): every step count
+        and the batch size fixed at :data:`SMOKE_SETTINGS`; the other parameters keep their ranges and defaults.
+
+        >>> load_search_space("sisr").smoke().settings({}, seed=0).grow_steps
+        4
+        """
+        parameters = {k: p for k, p in self.parameters.items() if k not in SMOKE_SETTINGS}
+        return SearchSpace(f"{self.name} (smoke test)", self.family, parameters, {**self.fixed, **SMOKE_SETTINGS})
 
     def defaults(self) -> dict[str, Any]:
         """Every parameter at its default: the first trial a search runs."""

@@ -141,3 +141,17 @@ def test_nic_rows_are_written_in_compressai_results_format(tmp_path: Path) -> No
     assert document["results"]["psnr-rgb"] == [30.0, 31.0, 32.0] and document["results"]["bpp"] == pytest.approx(
         [0.1, 0.2, 0.3])
     assert document["results"]["encoding_time"] == [None, None, None]  # the bench does not time coding
+
+
+def test_a_png_spec_names_its_block_shape_scope_and_prune_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = compare._stage_settings(TINY_SISR, "8x1024/active@0.35", seed=0)
+    assert (settings.block_shape, settings.prune_scope, settings.prune_ratio) == ((8, 1024), "active", 0.35)
+    assert compare._stage_settings(TINY_SISR, "4x4", seed=0).prune_ratio == TINY_SISR.prune_ratio
+    assert compare._system("8x1024/active@0.350") == "png-8x1024-active-r0.35"
+    assert compare._system("8x1024/active") == "png-8x1024-active" and compare._system("4x4@0.5") == "png-4x4-r0.5"
+    for spec, message in (("8x1024@half", "prune ratio 'half' is not a number"),
+                          ("8x1024/active@1.5", "prune ratio 1.5 is outside")):
+        with pytest.raises(SystemExit):
+            main(["sisr", "--block-shapes", spec])
+        (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+        assert line.startswith(f"python -m bench: error: --block-shapes '{spec}': {message}")

@@ -28,7 +28,8 @@ def services() -> Iterator[Services]:
     try:
         postgres = Postgres(root / "pg")
         postgres.root.mkdir()
-        postgres.start(["mlflow", "optuna", "optuna_faults", "optuna_nodes"])  # studies of tests kept apart
+        # each test's Optuna studies kept apart
+        postgres.start(["mlflow", "optuna", "optuna_faults", "optuna_nodes", "optuna_jobs"])
         started.append(postgres)
         s3 = SeaweedS3(root / "s3", bucket="pngrow")
         s3.root.mkdir()

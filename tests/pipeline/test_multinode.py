@@ -1,6 +1,6 @@
-"""Searches on a real Ray cluster of separate processes: submitted as a Ray job through the Jobs API (the job's
-driver joins the head's cluster), and spread over worker nodes that each declare a GPU (trials run on different
-nodes at once, and train on the CPU with a warning, since these GPUs have no CUDA behind them)."""
+"""Searches on a real Ray cluster of separate processes: every example config submitted as a Ray job through the
+Jobs API (the job's driver joins the head's cluster), and spread over worker nodes that each declare a GPU (trials run
+on different nodes at once, and train on the CPU with a warning, since these GPUs have no CUDA behind them)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,21 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlflow
 import pytest
+import yaml
 
-from tests.services import BIN, RayHead, RayNode, cluster_nodes, short_tempdir
+from pngrow.pipeline.registry import promote
+from pngrow.pipeline.tracking import Tracking
+from tests.services import BIN, RayHead, RayNode, SeaweedS3, cluster_nodes, short_tempdir
+
+if TYPE_CHECKING:
+    from tests.pipeline.conftest import Services
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "search_spaces" / "examples").glob("*.yaml"))
 
 SPACE = ("family: sisr\nparameters:\n  prune_ratio: {type: float, low: 0.3, high: 0.6, default: 0.5}\n"
          "fixed: {grow_steps: 10, prune_steps: 4, finetune_steps: 4, batch_size: 4, block_shape: 4x4, lr: 1.0e-3}\n")
@@ -42,37 +51,84 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _photos_in_s3(s3: SeaweedS3, bucket: str, prefixes: tuple[str, ...]) -> None:
+    """scikit-image's photos as PNGs under each of ``prefixes`` in ``bucket`` (made here), as a user's data would be."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    client = s3.client()
+    client.create_bucket(Bucket=bucket)
+    for name in ("astronaut", "coffee", "chelsea"):
+        body = io.BytesIO()
+        Image.fromarray(getattr(data, name)()).save(body, format="PNG")
+        for prefix in prefixes:
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{name}.png", Body=body.getvalue())
+
+
+def _wait_for_jobs(client: Any, jobs: dict[str, str], seconds: float) -> None:
+    """Until every job (name -> submission id) of the Jobs API ``client`` has ended; their logs' tails if not."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + seconds
+    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while not all(client.get_job_status(job) in ended for job in jobs.values()):
+        assert time.monotonic() < deadline, {name: client.get_job_logs(job)[-2000:] for name, job in jobs.items()}
+        time.sleep(3)
+
+
 @pytest.mark.slow
-def test_a_search_submitted_as_a_ray_job_runs_on_the_heads_cluster(root: Path) -> None:
+def test_every_example_config_runs_as_a_ray_job(services: Services, root: Path) -> None:
+    """``ray job submit --working-dir . -- pngrow search search_spaces/examples/X.yaml --smoke-test``, for every
+    example at once, through the Jobs API of a head started on its own (4 CPUs and 4 logical GPUs, with no CUDA
+    behind them): each job's driver joins the head's cluster. The cluster example runs on the real services (its
+    data in S3, Optuna on PostgreSQL, MLflow on a server with S3 artifacts); the others on their embedded default's
+    SQLite stores."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    head = RayHead(root / "ray", num_cpus=2, dashboard=True)
+    head = RayHead(root / "ray", num_cpus=4, num_gpus=4, dashboard=True)
     head.root.mkdir()
     head.start()
     try:
-        job = root / "job"
-        job.mkdir()
-        (job / "space.yaml").write_text(SPACE)
-        # An address in the config is used as given; here there is none, so the job's driver joins the job's cluster
-        # (RAY_ADDRESS), and num_cpus (which Ray refuses when joining a cluster) is not passed.
-        (job / "search.yaml").write_text(_search(root, "as-a-job", "{num_cpus: 7, cpus_per_trial: 1}"))
-        # The Jobs API asks for the head's token (this process read its Ray auth settings when it imported Ray).
+        _photos_in_s3(services.s3, "pngrow-data", ("div2k/train", "set5"))  # cluster-sisr.yaml's data
         client = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"})
-        job_id = client.submit_job(entrypoint=f"{BIN / 'pngrow'} search search.yaml --json {root}/summary.json",
-                                   runtime_env={"working_dir": str(job)})
-        deadline = time.monotonic() + 300
-        while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-            time.sleep(2)
-        logs = client.get_job_logs(job_id)
-        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
-        assert "Ray: 2 CPUs, 0 GPUs; trials ask for CPUs (device auto), 2 at a time" in logs  # the head's 2 CPUs, not 7
-        driver_node = client.get_job_info(job_id).driver_node_id
-        summary = json.loads((root / "summary.json").read_text())
-        trials = _trials(root)
-        assert len(trials) == 2 and summary["trials"] == 2
-        assert {t.data.tags["pngrow.ray_node"] for t in trials} == {driver_node}  # the head, the job's only node
-        assert all(t.info.status == "FINISHED" and "pngrow.device_warning" not in t.data.tags for t in trials)
+        jobs = {}
+        for example in EXAMPLES:
+            stores = (f"--tracking-uri {services.mlflow.uri}" if example.stem == "cluster-sisr"  # not mlflow.internal
+                      else f"--tracking-uri sqlite:///{root}/{example.stem}/mlflow.db --workdir {root}/{example.stem}")
+            jobs[example.stem] = client.submit_job(
+                entrypoint=f"{BIN / 'pngrow'} search {example.relative_to(REPO)} --smoke-test "
+                           f"--json {root}/{example.stem}.json {stores}",
+                runtime_env={"working_dir": str(REPO), "env_vars": {
+                    **services.s3.env(), "PNGROW_DB": services.postgres.url("optuna_jobs"),
+                    "PNGROW_CACHE": str(root / "cache")}})
+        _wait_for_jobs(client, jobs, 540)
+        for name, job in jobs.items():
+            logs = client.get_job_logs(job)
+            assert client.get_job_status(job) == JobStatus.SUCCEEDED, (name, logs[-3000:])
+            assert "Ray: 4 CPUs, 4 GPUs; trials ask for a GPU (device auto)" in logs  # the head's cluster, joined
+            config = yaml.safe_load((REPO / "search_spaces/examples" / f"{name}.yaml").read_text())
+            summary = json.loads((root / f"{name}.json").read_text())
+            assert [s["task"] for s in summary["stages"]] == config["tasks"]
+            assert set(summary["final_metrics"]) == set(config["tasks"])
+            uri = services.mlflow.uri if name == "cluster-sisr" else f"sqlite:///{root}/{name}/mlflow.db"
+            tracking = mlflow.MlflowClient(uri)
+            search = tracking.get_run(summary["search_id"])
+            assert search.info.status == "FINISHED" and search.data.tags["pngrow.smoke_test"] == "true"
+            assert search.info.run_name == f"{config['name']}-smoke-test"
+            trials = tracking.search_runs([search.info.experiment_id], "tags.`pngrow.kind` = 'trial' and "
+                                          f"tags.`pngrow.search_id` = '{search.info.run_id}'")
+            assert summary["trials"] == len(trials) == len(config["tasks"])  # one trial per stage
+            driver_node = client.get_job_info(job).driver_node_id
+            assert {t.data.tags["pngrow.ray_node"] for t in trials} == {driver_node}  # the head, the job's only node
+            assert all(t.data.tags["pngrow.device_warning"].endswith("training on the CPU") for t in trials)
+            if name == "cluster-sisr":
+                with pytest.raises(ValueError, match=r"is the model of smoke test \w+ \(pngrow search --smoke-test\)"):
+                    promote(Tracking(uri, "pngrow-sisr"), search.info.run_id, "never-registered")
+                assert search.info.artifact_uri.startswith("s3://pngrow/mlflow/")
+                sources = [json.loads(d.dataset.source)["uri"] for t in trials for d in t.inputs.dataset_inputs]
+                assert sources and all(source.startswith("s3://pngrow-data/") for source in sources)
     finally:
         head.stop()
 

@@ -19,6 +19,19 @@ def test_every_shipped_space_loads_and_builds_its_defaults(name: str) -> None:
         assert parameter.contains(parameter.default)
 
 
+@pytest.mark.parametrize("name", available_spaces())
+def test_a_smoke_test_space_trains_a_few_steps_and_keeps_every_other_setting(name: str) -> None:
+    space = load_search_space(name)
+    smoke = space.smoke()
+    settings, full = smoke.settings({}, seed=1), space.settings({}, seed=1)
+    assert (settings.grow_steps, settings.prune_steps, settings.finetune_steps, settings.batch_size) == (4, 2, 2, 2)
+    kept = ("block_shape", "prune_ratio", "prune_scope", "lr", "reuse_penalty", "reuse")
+    assert [getattr(settings, k) for k in kept] == [getattr(full, k) for k in kept]
+    assert "grow_steps" not in smoke.parameters  # searched in the full space, fixed in the smoke test's
+    assert set(smoke.parameters) == set(space.parameters) - {"grow_steps", "prune_steps", "finetune_steps",
+                                                            "batch_size"}
+
+
 def test_trial_parameters_override_fixed_and_defaults() -> None:
     space = load_search_space("sisr-tiny")
     settings = space.settings({"prune_ratio": 0.65, "block_shape": "8x8"}, seed=0)
