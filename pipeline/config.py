@@ -35,7 +35,8 @@ def redact(uri: str | None) -> str | None:
     return None if uri is None else re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", uri)
 
 # Costs a search can minimise beside quality: the share of weights a task computes with, the stored parameters of the
-# whole model, and the measured median latency of the task compacted (``latency``, in ms, on the trial's device).
+# whole model, and the task's measured latency compacted (``latency``: the median on the trial's device as a share of
+# the dense model's, timed in turns beside it; the milliseconds of both are logged too).
 COST_OBJECTIVES = ("density", "stored_params", "latency")
 _TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "objectives", "select", "seed",
         "tracking", "optuna_storage", "ray", "workdir", "init", "base_model"}

@@ -126,7 +126,7 @@ def plot_pareto(task: str, candidates: list[Candidate], chosen: str, maximize: b
         if c.run_id == chosen:
             ax.scatter([c.cost], [c.quality], s=160, facecolors="none", edgecolors="r", lw=2, label="chosen")
         ax.annotate(str(c.number), (c.cost, c.quality), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(f"{cost} (lower is better)")
+    ax.set_xlabel(f"{cost} ({'share of the dense model, ' if cost == 'latency' else ''}lower is better)")
     ax.set_ylabel(f"{quality} ({'higher' if maximize else 'lower'} is better)")
     ax.set_title(f"Stage {task}: {len(candidates)} finished trials")
     ax.legend(fontsize=8)
@@ -170,7 +170,7 @@ def _candidates(trials: list[Run], quality: str, cost: str) -> list[Candidate]:
     """The finished trials that recorded an outcome, as (quality, cost) candidates."""
     outcomes = [TrialOutcome.from_run(t) for t in trials if t.info.status == "FINISHED" and TrialOutcome.recorded(t)]
     numbers = {t.info.run_id: int(t.data.tags.get(names.OPTUNA_TRIAL, -1)) for t in trials}
-    return [Candidate(numbers[o.run_id], o.metrics[quality], o.cost(cost), o.run_id, o.latency_ms) for o in outcomes
+    return [Candidate(numbers[o.run_id], o.metrics[quality], o.cost(cost), o.run_id, o.relative_latency) for o in outcomes
             if quality in o.metrics]
 
 

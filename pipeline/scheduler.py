@@ -198,7 +198,7 @@ class _StudyRun:
     def _choose(self) -> StageSummary:
         """The stage's summary, with the trial the selection rule picks from the finished ones."""
         plan, config = self.ctx.plan, self.ctx.config
-        candidates = [Candidate(n, o.metrics[plan.quality], o.cost(config.cost), o.run_id, o.latency_ms)
+        candidates = [Candidate(n, o.metrics[plan.quality], o.cost(config.cost), o.run_id, o.relative_latency)
                       for n, o in self.outcomes.items()]
         try:
             chosen = select(config.rule, candidates, plan.maximize, config.tolerance)

@@ -41,13 +41,13 @@ def retrying(call: Callable[[], T], storage: str, delays: tuple[float, ...] = RE
 @dataclass(frozen=True)
 class Candidate:
     """A finished trial as the selection rules see it: its quality, its cost (lower is better), its run, and its
-    measured latency in ms (NaN when the search did not time trials)."""
+    compacted latency relative to its dense model's (NaN when the search did not time trials)."""
 
     number: int
     quality: float
     cost: float
     run_id: str
-    latency_ms: float = math.nan
+    relative_latency: float = math.nan
 
 
 Rule = Callable[[list[Candidate], bool, float], Candidate]
@@ -89,18 +89,18 @@ def sparsest_within(candidates: list[Candidate], maximize: bool, tolerance: floa
 
 @register_rule("fastest_within")
 def fastest_within(candidates: list[Candidate], maximize: bool, tolerance: float) -> Candidate:
-    """The lowest measured latency among trials whose quality is within ``tolerance`` of the best; needs trials that
-    timed their compacted task (a ``latency`` cost).
+    """The fastest trial against its own dense model (the lowest relative latency) among trials whose quality is
+    within ``tolerance`` of the best; needs trials that timed their compacted task (a ``latency`` cost).
 
-    >>> a, b = Candidate(0, 30.0, 0.9, "a", latency_ms=12.0), Candidate(1, 29.95, 0.5, "b", latency_ms=20.0)
+    >>> a, b = Candidate(0, 30.0, 0.9, "a", relative_latency=0.6), Candidate(1, 29.95, 0.5, "b", relative_latency=0.9)
     >>> fastest_within([a, b], maximize=True, tolerance=0.1).run_id
     'a'
     """
-    if any(math.isnan(c.latency_ms) for c in candidates):
+    if any(math.isnan(c.relative_latency) for c in candidates):
         raise ValueError("rule fastest_within needs every trial's latency: add latency to objectives.cost")
     best = best_quality(candidates, maximize, tolerance)
     near = [c for c in candidates if _sign(maximize) * (best.quality - c.quality) <= tolerance]
-    return min(near, key=lambda c: (c.latency_ms, -_sign(maximize) * c.quality))
+    return min(near, key=lambda c: (c.relative_latency, -_sign(maximize) * c.quality))
 
 
 def select(rule: str, candidates: list[Candidate], maximize: bool, tolerance: float) -> Candidate:

@@ -238,7 +238,8 @@ class RayHead:
     num_gpus: int = 0
 
     def env(self) -> dict[str, str]:
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        # Ray drains a node for up to 30 s on SIGTERM (for Serve replicas); these nodes have nothing to drain.
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
     @property
     def dashboard_url(self) -> str:

@@ -157,22 +157,29 @@ def test_latency_search_times_every_trial_and_hands_on_the_fastest(tmp_path: Pat
     summary = json.loads(Path("summary.json").read_text())
     runs = tmp_path / "pngrow-runs"
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    relative = []
     for stage in summary["stages"]:
         trials = client.search_runs([client.get_run(stage["run_id"]).info.experiment_id],
                                     f"tags.mlflow.parentRunId = '{stage['run_id']}'")
         assert len(trials) == 3
         figures = {t.info.run_id: t.data.metrics for t in trials}
+        relative += sorted(m["relative_latency"] for m in figures.values())
         for metrics in figures.values():
             assert metrics["latency_ms"] > 0 and metrics["dense_latency_ms"] > 0
             assert metrics["speedup"] == pytest.approx(metrics["dense_latency_ms"] / metrics["latency_ms"])
-        # The rule's choice, computed here from the trials' own figures: the fastest within 0.5 dB of the best.
+            assert metrics["relative_latency"] == pytest.approx(1 / metrics["speedup"])
+        # The rule's choice, computed here from the trials' own figures: the fastest against its own dense model
+        # within 0.5 dB of the best.
         best = max(m["eval/psnr"] for m in figures.values())
-        near = {run: m["latency_ms"] for run, m in figures.items() if m["eval/psnr"] >= best - 0.5}
+        near = {run: m["relative_latency"] for run, m in figures.items() if m["eval/psnr"] >= best - 0.5}
         assert client.get_run(stage["run_id"]).data.tags["pngrow.chosen_trial_run"] == min(near, key=near.get)
+    told = []
     for study in optuna.get_all_study_summaries(f"sqlite:///{runs / 'optuna.db'}"):
         loaded = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{runs / 'optuna.db'}")
         assert loaded.metric_names == ["psnr", "latency", "stored_params"]
         assert all(len(t.values) == 3 for t in loaded.trials)
+        told += sorted(t.values[1] for t in loaded.trials)  # the latency objective: relative to the dense model
+    assert sorted(told) == pytest.approx(sorted(relative))
     search = client.get_run(summary["search_id"])
     pictures = client.list_artifacts(search.info.run_id, "report")
     assert {"report/pareto_x2.png", "report/pareto_x3.png"} <= {p.path for p in pictures}

@@ -85,9 +85,9 @@ def test_a_study_with_two_costs_has_three_named_objectives(tmp_path) -> None:
 def test_fastest_within_takes_the_lowest_latency_near_the_best_and_needs_latencies() -> None:
     from pngrow.pipeline.study import select
 
-    fast = Candidate(0, 29.95, 0.9, "fast", latency_ms=10.0)
-    sparse = Candidate(1, 30.0, 0.3, "sparse", latency_ms=30.0)
-    too_bad = Candidate(2, 28.0, 0.1, "bad", latency_ms=1.0)
+    fast = Candidate(0, 29.95, 0.9, "fast", relative_latency=0.5)
+    sparse = Candidate(1, 30.0, 0.3, "sparse", relative_latency=0.9)
+    too_bad = Candidate(2, 28.0, 0.1, "bad", relative_latency=0.1)
     assert select("fastest_within", [fast, sparse, too_bad], True, 0.1).run_id == "fast"
     assert select("sparsest_within", [fast, sparse, too_bad], True, 0.1).run_id == "sparse"
     with pytest.raises(ValueError, match="needs every trial's latency"):
