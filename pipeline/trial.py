@@ -125,7 +125,7 @@ class TrialOutcome:
     def relative_latency(self) -> float:
         """The compacted task's latency as a share of the dense model's, timed in turns in the same process (0.5:
         twice as fast). Trials are timed at different moments, and a dense model's own time drifted 2.4x between
-        trials of one search on this 2-core machine: the ratio compares them, the milliseconds do not."""
+        trials of one search on a 2-core CPU: the ratio compares them, the milliseconds do not."""
         return self.latency_ms / self.dense_latency_ms
 
     def cost(self, objective: str) -> float:
