@@ -194,7 +194,9 @@ def compact_task(
         # The weight SharedNetwork's hook left from the last forward may be part of an autograd graph, which
         # deepcopy refuses; the hook sets it again on the next call.
         shared.model.get_submodule(layer.name).__dict__.pop("weight", None)
-    model = copy.deepcopy(shared.model).eval()
+    # The shared layers are replaced below, so their hooks' network and layers need not be copied.
+    keep = {id(shared): shared, **{id(layer): layer for layer in shared.shared_layers()}}
+    model = copy.deepcopy(shared.model, keep).eval()
     for head in shared.task_heads:
         routed = model.get_submodule(head)
         for name in [n for n in routed._modules if n != task]:

@@ -294,7 +294,7 @@ class SharedNetwork(nn.Module):
         self.layers = nn.ModuleDict({_key(n): SharedLayer(n, m) for n, m in layers.items()})
         for name, module in layers.items():
             del module._parameters["weight"]
-            module.register_forward_pre_hook(self._weight_hook(self.layers[_key(name)]))
+            module.register_forward_pre_hook(_WeightHook(self, self.layers[_key(name)]))
         self.local_names = [n for n, _ in _named_tensors(model) if not self._in_head(n)]
 
     # --- tasks -----------------------------------------------------------------------------------------------------
@@ -484,14 +484,6 @@ class SharedNetwork(nn.Module):
             self.tasks[self._active].local_state = self._live_local_state()
         self._active = None
 
-    def _weight_hook(self, layer: SharedLayer) -> Any:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            if self._active is None:
-                raise RuntimeError("no task is active: call the shared network as shared(task, ...)")
-            module.weight = layer.effective_weight(self._active, self.tasks[self._active])
-
-        return hook
-
     def _live_local_state(self) -> dict[str, torch.Tensor]:
         tensors = dict(_named_tensors(self.model))
         return {n: tensors[n].detach().clone() for n in self.local_names}
@@ -503,6 +495,23 @@ class SharedNetwork(nn.Module):
         for layer in self.shared_layers():
             layer.map_masks(fn)
         return self
+
+
+class _WeightHook:
+    """Before a shared layer's forward, sets its weight to the active task's effective weight.
+
+    An object rather than a closure: ``copy.deepcopy`` copies a closure by reference, so a copied network would
+    go on computing with the original's weights and tasks; it copies this hook's network and layer with the rest.
+    """
+
+    def __init__(self, network: SharedNetwork, layer: SharedLayer) -> None:
+        self.network, self.layer = network, layer
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        active = self.network._active
+        if active is None:
+            raise RuntimeError("no task is active: call the shared network as shared(task, ...)")
+        module.weight = self.layer.effective_weight(active, self.network.tasks[active])
 
 
 def _strongest_blocks(module: nn.Module, block_shape: tuple[int, int], ratio: float) -> torch.Tensor:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -142,6 +143,23 @@ def test_evaluating_an_earlier_task_mid_training_keeps_the_new_tasks_state(toy: 
         toy("a", torch.zeros(1, 3, 8, 8))
     toy.activate("b")
     assert torch.all(toy.model.conv.bias == 3.0)
+
+
+def test_a_copy_computes_with_its_own_weights_and_tasks(toy: SharedNetwork, toy_input: torch.Tensor) -> None:
+    train_task(toy, "a", (4, 4), 0.5)
+    toy.begin_task("b", (4, 4))
+    toy.eval()
+    with torch.no_grad():
+        before = {name: toy(name, toy_input).clone() for name in ("a", "b")}
+        snapshot = copy.deepcopy(toy)  # e.g. a teacher for distillation, taken mid-task
+        toy.prune(0.5)
+        for weight in toy.trainable_parameters()["weights"]:
+            weight.add_(1.0)
+        assert not torch.equal(toy("b", toy_input), before["b"])
+        assert torch.equal(snapshot("b", toy_input), before["b"]) and torch.equal(snapshot("a", toy_input), before["a"])
+    snapshot.prune(0.5)
+    snapshot.commit()
+    assert toy.task_in_progress is not None and toy.task_in_progress.name == "b"
 
 
 def test_depthwise_and_1d_layers_are_shared() -> None:
