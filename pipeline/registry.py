@@ -31,7 +31,7 @@ def resolve_run(tracking: Tracking, ref: str) -> Run:
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if not finished:
         detail = f"none of its {len(runs)} runs finished" if runs else "no search has that name"
-        raise ValueError(f"search {ref!r} cannot be promoted: {detail}")
+        raise ValueError(f"search {ref!r} has no finished run: {detail}")
     return finished[0]
 
 
