@@ -15,7 +15,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from pngrow.errors import failure_line
 from pngrow.workers.latency import median_latencies
+
+from . import require_at_least
 
 __all__ = ["conv_times", "main"]
 
@@ -51,9 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print each output count's median time and its share of the full layer's."""
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("channels", "size", "step", "kernel", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)} must be at least 1")
+    require_at_least(parser, args, 1, "channels", "size", "step", "kernel", "rounds")
+    try:
+        torch.empty(0, device=args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {failure_line(error)}")
     times = conv_times(args.channels, args.size, args.step, args.kernel, args.rounds, args.device)
     print(f"{args.kernel}x{args.kernel} conv, {args.channels} inputs, {args.size}x{args.size}, {args.device}, "
           f"{torch.get_num_threads()} threads")

@@ -33,6 +33,8 @@ from mlflow import MlflowClient
 
 from tests.services import BIN, MlflowServer, Postgres, RayHead, RayNode, SeaweedS3, cluster_nodes, short_tempdir
 
+from . import require_at_least
+
 __all__ = ["KINDS", "main"]
 
 KINDS = ("worker", "node", "driver")
@@ -202,10 +204,10 @@ def _summary(outcomes: list[Outcome], clean: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``--clean`` clean searches for the reference wall time (their median), then ``--faults`` faults of each kind
     at random moments."""
-    args = _parser().parse_args(argv)
-    for name, value, least in (("faults", args.faults, 0), ("clean", args.clean, 1), ("nodes", args.nodes, 1)):
-        if value < least:
-            _parser().error(f"--{name} {value} must be at least {least}")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    require_at_least(parser, args, 0, "faults")
+    require_at_least(parser, args, 1, "clean", "nodes")
     rng, root = random.Random(args.seed), short_tempdir("pngrow-chaos-")
     config = args.config.resolve()
     shutil.copy(config, root / config.name)

@@ -36,6 +36,7 @@ from pngrow.workers.models import Family, get_family
 from pngrow.workers.png import check_compaction, compact_task, count_macs, model_cost, parse_block_shape
 from pngrow.workers.training import StageSettings, train_shared
 
+from . import require_at_least
 from .baselines import build_joint, train_joint
 
 __all__ = ["BUDGETS", "Budget", "Row", "main", "run_benchmark"]
@@ -377,12 +378,9 @@ def _parser() -> argparse.ArgumentParser:
 def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget:
     """The named budget with the command line's overrides, each checked (a bad one ends with one line)."""
     budget = BUDGETS[(args.family, args.budget or "quick")]
-    for name in ("steps", "batch_size", "latency_size", "latency_rounds"):  # Budget fields of the same names
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
-            budget = replace(budget, **{name: value})
+    fields = ("steps", "batch_size", "latency_size", "latency_rounds")  # Budget fields of the same names
+    require_at_least(parser, args, 1, *fields)
+    budget = replace(budget, **{name: getattr(args, name) for name in fields if getattr(args, name) is not None})
     if args.block_shapes is not None:
         shapes = tuple(s.strip() for s in args.block_shapes.split(",") if s.strip())
         for shape in shapes:

@@ -16,14 +16,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from mlflow.exceptions import MlflowException
 
 from pngrow.pipeline import names
 from pngrow.pipeline.config import tracking_uri
 from pngrow.pipeline.registry import resolve_run
 from pngrow.pipeline.tracking import Tracking
-from pngrow.workers.latency import median_latencies
+from pngrow.errors import failure_line
+from pngrow.workers.latency import compacted_and_dense, median_latencies
 from pngrow.workers.models import load_model
-from pngrow.workers.png import check_compaction, compact_task
+from pngrow.workers.png import CompactionMismatch
+
+from . import require_at_least
 
 __all__ = ["TrialTimes", "main", "retime"]
 
@@ -38,24 +42,30 @@ class TrialTimes:
 
     @property
     def median(self) -> float:
+        """The median of the blocks' speedups."""
         return statistics.median(self.speedups)
 
 
 def _trial_runs(tracking: Tracking, search: str, task: str) -> dict[int, str]:
-    """Optuna trial number -> run id, for the trials of ``task``'s stage in ``search`` (an id or a name)."""
+    """Optuna trial number -> run id, for the finished trials of ``task``'s stage in ``search`` (an id or a name)."""
     run = resolve_run(tracking, search)
     stages = [s for s in tracking.children(run, names.Kind.STAGE) if s.data.tags.get(names.TASK) == task]
     if not stages:
         raise ValueError(f"search {search!r} has no stage for task {task!r}")
-    return {int(t.data.tags[names.OPTUNA_TRIAL]): t.info.run_id
-            for t in tracking.children(stages[0], names.Kind.TRIAL) if t.info.status == "FINISHED"}
+    return {int(t.data.tags[names.OPTUNA_TRIAL]): t.info.run_id for t in tracking.children(stages[0], names.Kind.TRIAL)
+            if t.info.status == "FINISHED" and names.OPTUNA_TRIAL in t.data.tags}
 
 
 def retime(tracking: Tracking, search: str, task: str, trials: Sequence[int], size: int | None = None,
            blocks: int = 5, rounds: int = 60) -> list[TrialTimes]:
     """Each trial's compacted ``task`` in ``search`` (an id or a name), checked against its masked model, and the
     first trial's dense model, timed in turns on the family's latency input of side ``size``: ``blocks`` medians
-    of ``rounds`` rounds each."""
+    of ``rounds`` rounds each.
+
+    Example: ``retime(Tracking("sqlite:///pngrow-runs/mlflow.db"), "tiny-sisr-latency", "x3", [4, 5])``.
+    """
+    if blocks < 1 or rounds < 1:
+        raise ValueError(f"blocks {blocks} and rounds {rounds} must both be at least 1")
     runs = _trial_runs(tracking, search, task)
     missing = [n for n in trials if n not in runs]
     if missing:
@@ -65,14 +75,10 @@ def retime(tracking: Tracking, search: str, task: str, trials: Sequence[int], si
     with tempfile.TemporaryDirectory() as folder:
         for number in trials:
             family, shared = load_model(tracking.download_checkpoint(runs[number], Path(folder) / str(number)))
-            shared.eval()
             inputs = family.latency_inputs(size)
-            compact = compact_task(shared, task, *inputs)
-            check_compaction(compact, shared, inputs)
+            compact, dense = compacted_and_dense(shared.eval(), task, inputs)
             calls[str(number)] = lambda compact=compact, inputs=inputs: compact(*inputs)
-            if "dense" not in calls:
-                dense = compact_task(shared, task, strategies=("dense",))
-                calls["dense"] = lambda dense=dense, inputs=inputs: dense(*inputs)
+            calls.setdefault("dense", lambda dense=dense, inputs=inputs: dense(*inputs))
     timed = [median_latencies(calls, rounds, torch.device("cpu")) for _ in range(blocks)]
     return [TrialTimes(n, runs[n], [block["dense"] / block[str(n)] for block in timed]) for n in trials]
 
@@ -94,14 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print each trial's speedup per block, and its median."""
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("blocks", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)} must be at least 1")
+    require_at_least(parser, args, 1, "blocks", "rounds", "size")
     try:
         times = retime(Tracking(tracking_uri(args.tracking_uri)), args.search, args.task, args.trials, args.size,
                        args.blocks, args.rounds)
-    except ValueError as error:
-        parser.exit(2, f"python -m bench.retime: {error}\n")
+    except (ValueError, CompactionMismatch, MlflowException) as error:
+        parser.exit(2, f"python -m bench.retime: {failure_line(error)}\n")
     for t in times:
         print(f"{args.task} trial {t.trial}: {t.median:.2f}x (blocks: {' '.join(f'{s:.2f}' for s in t.speedups)})")
     if args.out is not None:

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from .png import SharedNetwork, check_compaction, compact_task
+from .png import CompactModel, SharedNetwork, check_compaction, compact_task
 
-__all__ = ["TaskSpeed", "median_latencies", "task_speed"]
+__all__ = ["TaskSpeed", "compacted_and_dense", "median_latencies", "task_speed"]
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,31 @@ def median_latencies(runs: dict[str, Callable[[], Any]], rounds: int, device: to
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def compacted_and_dense(shared: SharedNetwork, task: str, inputs: tuple[torch.Tensor, ...]) -> tuple[CompactModel,
+                                                                                                    CompactModel]:
+    """Committed ``task`` compacted (each layer the fastest way on ``inputs``, checked against the masked model, a
+    mismatch raising :class:`~pngrow.workers.png.CompactionMismatch`) and exported dense: the two models timed.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = SharedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)))
+    >>> net.begin_task("a", block_shape=(4, 64)); net.prune(0.5); net.commit()
+    >>> compact, dense = compacted_and_dense(net.eval(), "a", (torch.rand(1, 3, 16, 16),))
+    >>> [plan.strategy for plan in dense.plans]
+    ['dense', 'dense']
+    """
+    compact = compact_task(shared, task, *inputs)
+    check_compaction(compact, shared, inputs)
+    return compact, compact_task(shared, task, strategies=("dense",))
+
+
 def task_speed(shared: SharedNetwork, task: str, inputs: tuple[torch.Tensor, ...], rounds: int = 10) -> TaskSpeed:
     """Time committed ``task`` compacted (:func:`compact_task`, checked against the masked model) and exported
     dense, on ``inputs`` on their device, ``rounds`` times each in turns; the medians."""
     was_training = shared.training
     shared.eval()
     try:
-        compact = compact_task(shared, task, *inputs)
-        check_compaction(compact, shared, inputs)
-        dense = compact_task(shared, task, strategies=("dense",))
+        compact, dense = compacted_and_dense(shared, task, inputs)
         ms = median_latencies({"compact": lambda: compact(*inputs), "dense": lambda: dense(*inputs)}, rounds,
                               inputs[0].device)
     finally:

@@ -21,8 +21,9 @@ def test_every_output_count_is_timed_and_written(tmp_path: Path, capsys) -> None
 
 
 @pytest.mark.parametrize("args, message", [(["--step", "0"], "--step 0 must be at least 1"),
-                                           (["--channels", "-4"], "--channels -4 must be at least 1")])
-def test_a_bad_count_is_one_line(capsys, args: list[str], message: str) -> None:
+                                           (["--channels", "-4"], "--channels -4 must be at least 1"),
+                                           (["--device", "bogus"], "--device 'bogus': RuntimeError: ")])
+def test_a_bad_count_or_device_is_one_line(capsys, args: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as ended:
         channels.main(args)
     assert ended.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]

@@ -38,7 +38,6 @@ def test_trials_are_timed_again_from_their_checkpoints_block_by_block(stored_sea
     times = retime.retime(tracking, search, "x3", [1, 0], size=24, blocks=3, rounds=2)
     assert [(t.trial, t.run_id) for t in times] == [(1, trials[1]), (0, trials[0])]
     assert all(len(t.speedups) == 3 and all(math.isfinite(s) and s > 0 for s in t.speedups) for t in times)
-    assert times[0].median == sorted(times[0].speedups)[1]
 
     out = tmp_path / "times.json"
     assert retime.main([search, "x3", "0", "--tracking-uri", tracking.uri, "--size", "24", "--blocks", "2",
@@ -48,10 +47,28 @@ def test_trials_are_timed_again_from_their_checkpoints_block_by_block(stored_sea
     assert [w["trial"] for w in written] == [0] and len(written[0]["speedups"]) == 2
 
 
+def test_a_speedup_is_the_dense_time_over_the_trials_in_each_block(stored_search, monkeypatch) -> None:
+    tracking, search, _ = stored_search
+    blocks = iter([{"0": 2.0, "1": 4.0, "dense": 8.0}, {"0": 8.0, "1": 2.0, "dense": 4.0}])
+    seen = []
+
+    def timed(calls, rounds, device):  # noqa: ANN001, ANN202 - median_latencies' signature
+        seen.append((sorted(calls), rounds))
+        for call in calls.values():
+            call()  # each is a model on its latency input
+        return next(blocks)
+
+    monkeypatch.setattr(retime, "median_latencies", timed)
+    times = retime.retime(tracking, search, "x3", [0, 1], size=24, blocks=2, rounds=7)
+    assert seen == [(["0", "1", "dense"], 7)] * 2
+    assert [t.speedups for t in times] == [[4.0, 0.5], [2.0, 2.0]] and times[0].median == 2.25
+
+
 @pytest.mark.parametrize("args, message", [
     (["x3", "7"], "trial 7 is not a finished trial of stage 'x3' (finished: 0, 1)"),
     (["x4", "0"], "has no stage for task 'x4'"),
     (["x3", "0", "--blocks", "0"], "--blocks 0 must be at least 1"),
+    (["x3", "0", "--size", "0"], "--size 0 must be at least 1"),
 ])
 def test_a_bad_trial_task_or_count_is_one_line(stored_search, capsys, args: list[str], message: str) -> None:
     tracking, search, _ = stored_search

@@ -190,13 +190,11 @@ def compact_task(
     names = [name for name, _, _ in targets]
     inputs = _layer_inputs(shared, task, names, example_inputs, example_kwargs) if example_inputs else {}
     shared.activate(task)
-    for layer in shared.shared_layers():
-        # The weight SharedNetwork's hook left from the last forward may be part of an autograd graph, which
-        # deepcopy refuses; the hook sets it again on the next call.
-        shared.model.get_submodule(layer.name).__dict__.pop("weight", None)
+    shared.drop_computed_weights()
     # The shared layers are replaced below, so their hooks' network and layers need not be copied.
     keep = {id(shared): shared, **{id(layer): layer for layer in shared.shared_layers()}}
     model = copy.deepcopy(shared.model, keep).eval()
+    copies = {id(model.get_submodule(layer.name)) for layer in shared.shared_layers()}
     for head in shared.task_heads:
         routed = model.get_submodule(head)
         for name in [n for n in routed._modules if n != task]:
@@ -213,6 +211,10 @@ def compact_task(
             _replace(model, name, compact)
             plans.append(LayerPlan(name, chosen, (compact.computed_outputs, compact.out_channels),
                                    (compact.read_inputs, compact.in_channels), len(compact.parts), seconds))
+    # A shared layer reached under a second name would keep its hook there, computing with the original's weights.
+    twice = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in copies]
+    if twice:
+        raise ValueError(f"layer {twice[0]!r} is a shared layer under a second name; compact_task cannot export it")
     return CompactModel(model, task, shared.task_arg, plans)
 
 

@@ -17,6 +17,7 @@ Choices where the paper is silent (stated here, in README, and configurable wher
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -487,6 +488,27 @@ class SharedNetwork(nn.Module):
     def _live_local_state(self) -> dict[str, torch.Tensor]:
         tensors = dict(_named_tensors(self.model))
         return {n: tensors[n].detach().clone() for n in self.local_names}
+
+    def drop_computed_weights(self) -> None:
+        """Forget the weights the shared layers' hooks set for the last forward, which may belong to its autograd
+        graph (``copy.deepcopy`` refuses those); the next forward sets them again."""
+        for layer in self.shared_layers():
+            self.model.get_submodule(layer.name).__dict__.pop("weight", None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedNetwork:
+        """A copy that computes with its own weights and tasks, taken at any moment (e.g. a teacher mid-training).
+
+        >>> import copy
+        >>> net = SharedNetwork(nn.Sequential(nn.Conv2d(3, 4, 3)))
+        >>> net.begin_task("a", (2, 2)); net("a", torch.rand(1, 3, 5, 5)).sum().backward()
+        >>> copy.deepcopy(net).task_in_progress.name
+        'a'
+        """
+        self.drop_computed_weights()
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def _apply(self, fn: Any, recurse: bool = True) -> SharedNetwork:
         super()._apply(fn, recurse)

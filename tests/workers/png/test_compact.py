@@ -90,6 +90,16 @@ def test_bad_requests_are_refused_by_name() -> None:
         compact_task(shared, "z")
 
 
+def test_a_layer_shared_under_two_names_is_refused_by_name() -> None:
+    twice = nn.Conv2d(4, 4, 3, padding=1)
+    shared = SharedNetwork(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), twice, nn.ReLU(), twice))
+    shared.begin_task("a", (2, 1024))
+    shared.prune(0.5)
+    shared.commit()
+    with pytest.raises(ValueError, match="layer '3' is a shared layer under a second name"):
+        compact_task(shared, "a")
+
+
 def test_linear_layers_compact_on_their_last_dimension() -> None:
     shared = SharedNetwork(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)))
     shared.begin_task("a", (2, 2))

@@ -147,14 +147,23 @@ def test_evaluating_an_earlier_task_mid_training_keeps_the_new_tasks_state(toy: 
 
 def test_a_copy_computes_with_its_own_weights_and_tasks(toy: SharedNetwork, toy_input: torch.Tensor) -> None:
     train_task(toy, "a", (4, 4), 0.5)
+    toy.train()
     toy.begin_task("b", (4, 4))
-    toy.eval()
+    optimizer = torch.optim.SGD(toy.trainable_parameters()["weights"], lr=0.1)
+    toy("b", toy_input).pow(2).mean().backward()  # the copy is taken mid-training, after a backward
+    optimizer.step()
+    snapshot = copy.deepcopy(toy)  # e.g. a teacher for distillation
+    toy.eval(), snapshot.eval()
     with torch.no_grad():
         before = {name: toy(name, toy_input).clone() for name in ("a", "b")}
-        snapshot = copy.deepcopy(toy)  # e.g. a teacher for distillation, taken mid-task
-        toy.prune(0.5)
-        for weight in toy.trainable_parameters()["weights"]:
-            weight.add_(1.0)
+    toy.train()
+    toy.prune(0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        toy("b", toy_input).pow(2).mean().backward()
+        optimizer.step()
+    toy.eval()
+    with torch.no_grad():
         assert not torch.equal(toy("b", toy_input), before["b"])
         assert torch.equal(snapshot("b", toy_input), before["b"]) and torch.equal(snapshot("a", toy_input), before["a"])
     snapshot.prune(0.5)
