@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     require_at_least(parser, args, 1, "channels", "size", "step", "kernel", "rounds")
     try:
         torch.empty(0, device=args.device)
-    except RuntimeError as error:
+    except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on cuda
         parser.error(f"--device {args.device!r}: {failure_line(error)}")
     times = conv_times(args.channels, args.size, args.step, args.kernel, args.rounds, args.device)
     print(f"{args.kernel}x{args.kernel} conv, {args.channels} inputs, {args.size}x{args.size}, {args.device}, "

@@ -186,6 +186,7 @@ def compact_task(
     record = shared.tasks[index]
     if not record.committed:
         raise RuntimeError(f"task {task!r} is in progress; only committed tasks can be compacted")
+    _refuse_second_names(shared)
     targets = _targets(shared, task)
     names = [name for name, _, _ in targets]
     inputs = _layer_inputs(shared, task, names, example_inputs, example_kwargs) if example_inputs else {}
@@ -194,7 +195,6 @@ def compact_task(
     # The shared layers are replaced below, so their hooks' network and layers need not be copied.
     keep = {id(shared): shared, **{id(layer): layer for layer in shared.shared_layers()}}
     model = copy.deepcopy(shared.model, keep).eval()
-    copies = {id(model.get_submodule(layer.name)) for layer in shared.shared_layers()}
     for head in shared.task_heads:
         routed = model.get_submodule(head)
         for name in [n for n in routed._modules if n != task]:
@@ -211,11 +211,17 @@ def compact_task(
             _replace(model, name, compact)
             plans.append(LayerPlan(name, chosen, (compact.computed_outputs, compact.out_channels),
                                    (compact.read_inputs, compact.in_channels), len(compact.parts), seconds))
-    # A shared layer reached under a second name would keep its hook there, computing with the original's weights.
-    twice = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in copies]
-    if twice:
-        raise ValueError(f"layer {twice[0]!r} is a shared layer under a second name; compact_task cannot export it")
     return CompactModel(model, task, shared.task_arg, plans)
+
+
+def _refuse_second_names(shared: SharedNetwork) -> None:
+    """A shared layer reached under a second module name would be replaced under one only, and keep its hook (the
+    original network's weights) under the other: refused, by that name."""
+    first = {id(shared.model.get_submodule(name)): name for name in shared.layer_names}
+    for name, module in shared.model.named_modules(remove_duplicate=False):
+        if first.get(id(module), name) != name:
+            raise ValueError(f"layer {name!r} is shared layer {first[id(module)]!r} under a second name; "
+                             f"compact_task cannot export it")
 
 
 def _targets(shared: SharedNetwork, task: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -505,9 +505,20 @@ class SharedNetwork(nn.Module):
         'a'
         """
         self.drop_computed_weights()
+        # A head the active scope pruned holds torch's weight_orig * weight_mask, also a graph tensor: the copy
+        # computes its own from its copied weight_orig and mask.
+        pruned = {m: m.__dict__.pop("weight") for m in self.model.modules()
+                  if isinstance(m, PRUNABLE_TYPES) and prune_utils.is_pruned(m) and "weight" in m.__dict__}
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        try:
+            clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        finally:
+            for module, weight in pruned.items():
+                module.__dict__["weight"] = weight
+        for module in pruned:
+            copied = memo[id(module)]
+            copied.weight = copied.weight_orig * copied.weight_mask
         return clone
 
     def _apply(self, fn: Any, recurse: bool = True) -> SharedNetwork:

@@ -96,7 +96,7 @@ def test_a_layer_shared_under_two_names_is_refused_by_name() -> None:
     shared.begin_task("a", (2, 1024))
     shared.prune(0.5)
     shared.commit()
-    with pytest.raises(ValueError, match="layer '3' is a shared layer under a second name"):
+    with pytest.raises(ValueError, match="layer '3' is shared layer '1' under a second name"):
         compact_task(shared, "a")
 
 

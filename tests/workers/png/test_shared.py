@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune as prune_utils
 
+from pngrow.workers.models import get_family
 from pngrow.workers.png import FREE, SharedNetwork
 from tests.conftest import ToyNet, make_toy, train_task
 
@@ -150,6 +152,7 @@ def test_a_copy_computes_with_its_own_weights_and_tasks(toy: SharedNetwork, toy_
     toy.train()
     toy.begin_task("b", (4, 4))
     optimizer = torch.optim.SGD(toy.trainable_parameters()["weights"], lr=0.1)
+    toy.prune(0.25, "active")  # its head too, by torch's pruning: a computed weight
     toy("b", toy_input).pow(2).mean().backward()  # the copy is taken mid-training, after a backward
     optimizer.step()
     snapshot = copy.deepcopy(toy)  # e.g. a teacher for distillation
@@ -169,6 +172,24 @@ def test_a_copy_computes_with_its_own_weights_and_tasks(toy: SharedNetwork, toy_
     snapshot.prune(0.5)
     snapshot.commit()
     assert toy.task_in_progress is not None and toy.task_in_progress.name == "b"
+
+
+def test_a_copy_can_be_taken_while_the_active_scope_prunes_a_head() -> None:
+    shared = get_family("sisr", ["x2", "x3"], width=8, depth=1, lr_patch=8).build_shared()
+    shared.begin_task("x2", (4, 1024))
+    shared.prune(0.5)
+    shared.commit()
+    shared.begin_task("x3", (4, 1024))
+    shared.prune(0.5, "active")  # its tail too, by torch's pruning: weight = weight_orig * weight_mask, a graph tensor
+    tail = [m for n, m in shared.model.named_modules() if n.startswith("tails.x3.") and prune_utils.is_pruned(m)]
+    assert tail
+    x = torch.rand(1, 3, 8, 8)
+    shared("x3", x).mean().backward()
+    snapshot = copy.deepcopy(shared)
+    with torch.no_grad():
+        before = shared("x3", x).clone()
+        tail[0].weight_orig.add_(1.0)
+        assert not torch.equal(shared("x3", x), before) and torch.equal(snapshot("x3", x), before)
 
 
 def test_depthwise_and_1d_layers_are_shared() -> None:
