@@ -191,10 +191,10 @@ def compact_task(
     names = [name for name, _, _ in targets]
     inputs = _layer_inputs(shared, task, names, example_inputs, example_kwargs) if example_inputs else {}
     shared.activate(task)
-    shared.drop_computed_weights()
     # The shared layers are replaced below, so their hooks' network and layers need not be copied.
     keep = {id(shared): shared, **{id(layer): layer for layer in shared.shared_layers()}}
-    model = copy.deepcopy(shared.model, keep).eval()
+    with shared.without_computed_weights():
+        model = copy.deepcopy(shared.model, keep).eval()
     for head in shared.task_heads:
         routed = model.get_submodule(head)
         for name in [n for n in routed._modules if n != task]:

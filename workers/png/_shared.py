@@ -17,6 +17,7 @@ Choices where the paper is silent (stated here, in README, and configurable wher
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -489,11 +490,21 @@ class SharedNetwork(nn.Module):
         tensors = dict(_named_tensors(self.model))
         return {n: tensors[n].detach().clone() for n in self.local_names}
 
-    def drop_computed_weights(self) -> None:
-        """Forget the weights the shared layers' hooks set for the last forward, which may belong to its autograd
-        graph (``copy.deepcopy`` refuses those); the next forward sets them again."""
+    @contextlib.contextmanager
+    def without_computed_weights(self) -> Iterator[list[nn.Module]]:
+        """While open, no layer holds a weight computed in a forward, which may belong to its autograd graph
+        (``copy.deepcopy`` refuses those). The shared layers' hook weights are dropped (the next forward sets them
+        again); the weights torch's pruning computed for pruned heads (``weight_orig * weight_mask``) are set
+        aside and put back on exit. Yields those heads."""
         for layer in self.shared_layers():
             self.model.get_submodule(layer.name).__dict__.pop("weight", None)
+        pruned = {m: m.__dict__.pop("weight") for m in self.model.modules()
+                  if isinstance(m, PRUNABLE_TYPES) and prune_utils.is_pruned(m) and "weight" in m.__dict__}
+        try:
+            yield list(pruned)
+        finally:
+            for module, weight in pruned.items():
+                module.__dict__["weight"] = weight
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedNetwork:
         """A copy that computes with its own weights and tasks, taken at any moment (e.g. a teacher mid-training).
@@ -504,19 +515,11 @@ class SharedNetwork(nn.Module):
         >>> copy.deepcopy(net).task_in_progress.name
         'a'
         """
-        self.drop_computed_weights()
-        # A head the active scope pruned holds torch's weight_orig * weight_mask, also a graph tensor: the copy
-        # computes its own from its copied weight_orig and mask.
-        pruned = {m: m.__dict__.pop("weight") for m in self.model.modules()
-                  if isinstance(m, PRUNABLE_TYPES) and prune_utils.is_pruned(m) and "weight" in m.__dict__}
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
-        try:
+        with self.without_computed_weights() as pruned:
             clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        finally:
-            for module, weight in pruned.items():
-                module.__dict__["weight"] = weight
-        for module in pruned:
+        for module in pruned:  # the copy's pruned heads compute their own weight from their copied parts
             copied = memo[id(module)]
             copied.weight = copied.weight_orig * copied.weight_mask
         return clone
