@@ -11,11 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-with warnings.catch_warnings():
-    # CompressAI 1.2.8 scripts a helper with torch.jit.script at import, which torch 2.14 deprecates: not ours to fix.
-    warnings.simplefilter("ignore", FutureWarning)
-    from compressai.models import MeanScaleHyperprior, ScaleHyperprior
-
 from ..data import ImageSet
 from ..metrics import ms_ssim, psnr, quantize
 from ..png import SharedNetwork
@@ -25,7 +20,9 @@ __all__ = ["CODECS", "NICFamily", "lambda_of"]
 
 # CompressAI's MSE lambdas for its quality levels 1..8 (the bmshj2018/mbt2018 zoo).
 QUALITY_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
-CODECS = {"scale-hyperprior": ScaleHyperprior, "mean-scale-hyperprior": MeanScaleHyperprior}
+# Each codec's class in ``compressai.models``. CompressAI is imported only when a codec is built: importing it loads
+# its point-cloud datasets (torch_geometric) and scipy.stats too, about 4 s on 2 cores, which SISR processes skip.
+CODECS = {"scale-hyperprior": "ScaleHyperprior", "mean-scale-hyperprior": "MeanScaleHyperprior"}
 _QUALITY = re.compile(r"q([1-8])")
 _LAMBDA = re.compile(r"lambda=([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)")
 # Both hyperprior codecs downsample by 2^6 overall; inputs are padded to a multiple of this.
@@ -86,7 +83,11 @@ class NICFamily(Family, Codec):
         return self.arch["patch"]
 
     def build_model(self) -> nn.Module:
-        return CODECS[self.arch["codec"]](N=self.arch["N"], M=self.arch["M"])
+        with warnings.catch_warnings():
+            # CompressAI 1.2.8 scripts a helper with torch.jit.script at import, which torch 2.14 deprecates.
+            warnings.simplefilter("ignore", FutureWarning)
+            import compressai.models
+        return getattr(compressai.models, CODECS[self.arch["codec"]])(N=self.arch["N"], M=self.arch["M"])
 
     def wrap(self, model: nn.Module) -> SharedNetwork:
         return SharedNetwork(model)

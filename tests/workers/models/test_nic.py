@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,6 +34,22 @@ def test_rate_names() -> None:
             lambda_of(bad)
     with pytest.raises(ValueError, match="unknown NIC codec 'cheng'"):
         get_family("nic", codec="cheng")
+
+
+def test_compressai_is_imported_only_when_a_codec_is_built() -> None:
+    """Importing CompressAI costs seconds (it loads torch_geometric and scipy.stats): a SISR driver or trial worker
+    does without it, and a NIC model still builds with every codec."""
+    script = (
+        "import sys\n"
+        "import pngrow.pipeline.search, pngrow.pipeline.trial\n"
+        "from pngrow.workers.models import get_family\n"
+        "get_family('sisr', width=8, depth=1).build_shared()\n"
+        "print('compressai' in sys.modules)\n"
+        "for codec in ('scale-hyperprior', 'mean-scale-hyperprior'):\n"
+        "    print(type(get_family('nic', codec=codec, N=8, M=8).build_model()).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "ScaleHyperprior", "MeanScaleHyperprior"]
 
 
 def test_bpp_is_counted_from_real_bitstreams_per_task(tiny_job) -> None:
