@@ -18,11 +18,11 @@ from typing import Callable, Sequence
 import torch
 from mlflow.exceptions import MlflowException
 
+from pngrow.errors import failure_line
 from pngrow.pipeline import names
 from pngrow.pipeline.config import tracking_uri
 from pngrow.pipeline.registry import resolve_run
 from pngrow.pipeline.tracking import Tracking
-from pngrow.errors import failure_line
 from pngrow.workers.latency import compacted_and_dense, median_latencies
 from pngrow.workers.models import load_model
 from pngrow.workers.png import CompactionMismatch
