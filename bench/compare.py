@@ -56,7 +56,7 @@ class Budget:
     eval_images: int | None  # the first N of the evaluation folder; None for all
     latency_size: int  # side of the square input latency is measured on
     latency_rounds: int
-    block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<prune scope>][@<ratio>]"
+    block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<scope>][+paired][@<ratio>]"
     prune_ratio: float = 0.5
     reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects
 
@@ -92,26 +92,30 @@ class Row:
         return {**out, **self.metrics, **self.extra}
 
 
-def _parse_spec(spec: str) -> tuple[str, str, float | None]:
-    """A PnG system's block shape, pruning scope and prune ratio (None: the budget's) from its spec
-    ``<shape>[/<scope>][@<ratio>]``.
+def _parse_spec(spec: str) -> tuple[str, str, bool, float | None]:
+    """A PnG system's block shape, pruning scope, whether it is paired and prune ratio (None: the budget's) from its
+    spec ``<shape>[/<scope>][+paired][@<ratio>]``.
 
-    >>> _parse_spec("8x1024/active@0.4"), _parse_spec("4x4")
-    (('8x1024', 'active', 0.4), ('4x4', 'own', None))
+    >>> _parse_spec("8x1024/active+paired@0.4"), _parse_spec("4x4")
+    (('8x1024', 'active', True, 0.4), ('4x4', 'own', False, None))
     """
     rest, _, ratio = spec.partition("@")
+    rest, plus, flag = rest.partition("+")
+    if plus and flag != "paired":
+        raise ValueError(f"block spec {spec!r}: {'+' + flag!r} is not +paired")
     shape, _, scope = rest.partition("/")
     try:
-        return shape, scope or "own", float(ratio) if ratio else None
+        return shape, scope or "own", bool(plus), float(ratio) if ratio else None
     except ValueError:
         raise ValueError(f"prune ratio {ratio!r} is not a number") from None
 
 
 def _system(spec: str) -> str:
     """A PnG system's name from its block spec: ``8x1024/active`` is ``png-8x1024-active``, ``8x1024/active@0.40``
-    ``png-8x1024-active-r0.4``."""
-    shape, scope, ratio = _parse_spec(spec)
-    return f"png-{shape}" + (f"-{scope}" if scope != "own" else "") + (f"-r{ratio:g}" if ratio is not None else "")
+    ``png-8x1024-active-r0.4``, ``8x1024/active+paired`` ``png-8x1024-active-paired``."""
+    shape, scope, paired, ratio = _parse_spec(spec)
+    return (f"png-{shape}" + (f"-{scope}" if scope != "own" else "") + ("-paired" if paired else "")
+            + (f"-r{ratio:g}" if ratio is not None else ""))
 
 
 def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> StageSettings:
@@ -120,11 +124,11 @@ def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> Stage
                              batch_size=budget.batch_size, lr=budget.lr, seed=seed)
     grow = round(0.6 * budget.steps)
     prune = round(0.2 * budget.steps)
-    shape, scope, ratio = _parse_spec(block_shape)
+    shape, scope, paired, ratio = _parse_spec(block_shape)
     return StageSettings(block_shape=parse_block_shape(shape), prune_ratio=budget.prune_ratio if ratio is None else ratio,
                          grow_steps=grow, prune_steps=prune, finetune_steps=budget.steps - grow - prune,
                          batch_size=budget.batch_size, lr=budget.lr, reuse_penalty=budget.reuse_penalty,
-                         prune_scope=scope, seed=seed)
+                         prune_scope=scope, paired=paired, seed=seed)
 
 
 @dataclass
@@ -365,14 +369,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="override the side of the square input latency is timed on")
     parser.add_argument("--latency-rounds", type=int, default=None, help="override how many rounds latency is timed")
     parser.add_argument("--block-shapes", default=None,
-                        help="PnG systems, comma separated: a block shape, optionally /active (the pruning scope) "
-                             "and @RATIO (the prune ratio; default 0.5), e.g. 4x4,8x1024,8x1024/active@0.4")
+                        help="PnG systems, comma separated: a block shape, optionally /active (the pruning scope), "
+                             "+paired (channel pairs pruned together) and @RATIO (the prune ratio; default 0.5), e.g. "
+                             "4x4,8x1024,8x1024/active@0.4,8x1024/active+paired")
     parser.add_argument("--reuse-penalty", type=float, default=None,
                         help="PnG's loss weight on the share of earlier blocks a later task reuses (default 0)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _declares_pairs(family_name: str, budget: Budget) -> bool:
+    family = get_family(family_name, list(budget.tasks), **budget.arch)
+    return bool(family.wrap(family.build_model()).channel_pairs)
 
 
 def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget:
@@ -385,9 +395,11 @@ def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget
         shapes = tuple(s.strip() for s in args.block_shapes.split(",") if s.strip())
         for shape in shapes:
             try:
-                _stage_settings(budget, shape, args.seed)
+                paired = _stage_settings(budget, shape, args.seed).paired
             except ValueError as error:
                 parser.error(f"--block-shapes {shape!r}: {error}")
+            if paired and not _declares_pairs(args.family, budget):
+                parser.error(f"--block-shapes {shape!r}: the {args.family} model declares no channel pairs")
         budget = replace(budget, block_shapes=shapes)
     if args.eval_images is not None:
         budget = replace(budget, eval_images=args.eval_images)

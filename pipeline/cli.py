@@ -110,6 +110,9 @@ class _Run(_Command):
         add("--prune-scope", default="own", choices=["own", "active"],
             help="what pruning releases: the task's own new blocks (own), or its reused earlier blocks too (active: "
                  "every task computes with at most 1 - prune of the blocks it could use, so later tasks compact)")
+        add("--paired", action="store_true",
+            help="prune the model's channel pairs by channels (sisr: the two convolutions of each residual block), so "
+                 "a released inner channel is neither computed nor read and the compacted model is faster")
         for name in ("grow-steps", "prune-steps", "finetune-steps", "batch-size"):
             add(f"--{name}", type=int, help="family default when omitted")
         add("--lr", type=float, default=5e-4)
@@ -138,7 +141,8 @@ class _Run(_Command):
         shapes = _per_task(_split(args.block_shape), tasks, "--block-shape")
         ratios = [_float(r, "--prune") for r in _per_task(_split(args.prune), tasks, "--prune")]
         common = {"reuse": args.reuse, "lr": args.lr, "selection_lr": args.selection_lr,
-                  "reuse_penalty": args.reuse_penalty, "prune_scope": args.prune_scope, "seed": args.seed, **budget}
+                  "reuse_penalty": args.reuse_penalty, "prune_scope": args.prune_scope,
+                  "paired": args.paired, "seed": args.seed, **budget}
         return [StageSettings(block_shape=shape, prune_ratio=ratio, **common) for shape, ratio in zip(shapes, ratios)]
 
     def run(self, args: argparse.Namespace) -> int:

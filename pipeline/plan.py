@@ -104,6 +104,7 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> Plan:
     if config.rule not in RULES:
         raise ConfigError(f"selection rule {config.rule!r} is not one of {', '.join(sorted(RULES))}")
     _check_block_shapes(family, space)
+    _check_paired(family, space)
     _check_files(config)
     if config.measures_latency:
         try:
@@ -150,6 +151,14 @@ def _resolve_base(config: SearchConfig, scratch: Path) -> tuple[Base, Family]:
         source_run = Tracking(config.resolved_tracking_uri()).model_version(name, version).run_id or ""
     family = get_family(base_family.name, shared.task_names + config.tasks, **base_family.arch)
     return Base(folder, label, {t: shared.fingerprint(t) for t in shared.task_names}, source_run), family
+
+
+def _check_paired(family: Family, space: SearchSpace) -> None:
+    """A space that can pick ``paired`` is for a family whose model declares channel pairs."""
+    choices = space.parameters["paired"].choices if "paired" in space.parameters else [space.fixed.get("paired")]
+    if True in choices and not family.wrap(family.build_model()).channel_pairs:
+        raise ConfigError(f"search space {space.name!r}: paired: true needs channel pairs, and the {family.name} model "
+                          f"declares none")
 
 
 def _check_block_shapes(family: Family, space: SearchSpace) -> None:

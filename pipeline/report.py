@@ -36,7 +36,7 @@ def sharing_image(shared: SharedNetwork, layer_index: int, task: str) -> np.ndar
     layer = shared.shared_layers()[layer_index]
     index = shared.task_index(task)
     owner = layer.owner.cpu().numpy().astype(int)
-    active = layer.active_plane(index, shared.tasks[index].block_shape).cpu().numpy()
+    active = layer.active_plane(index, shared.tasks[index]).cpu().numpy()
     image = np.ones(owner.shape + (3,))
     for t in range(index + 1):
         colour = np.array(COLOURS[t % len(COLOURS)])

@@ -103,7 +103,7 @@ class SearchSpace:
 
     >>> space = load_search_space("sisr-tiny")
     >>> space.family, sorted(space.parameters)
-    ('sisr', ['block_shape', 'lr', 'prune_ratio', 'prune_scope'])
+    ('sisr', ['block_shape', 'lr', 'paired', 'prune_ratio', 'prune_scope'])
     >>> space.settings({"prune_ratio": 0.6}, seed=3).prune_ratio
     0.6
     """

@@ -30,6 +30,10 @@ class StageSettings:
     ``prune_scope`` says which blocks pruning releases: ``own`` (the task's new blocks; PackNet and CPG) or ``active``
     (its reused earlier blocks compete too, so every task computes with at most ``1 - prune_ratio`` of the blocks it
     could use and frees whole channels when blocks span a layer's inputs: the compacted task is faster).
+    ``paired`` prunes only the channel pairs the family declares (SISR: the two convolutions of each residual block),
+    and the task's head in the active scope: an inner channel is released from both layers at once, so the compacted
+    task neither computes nor reads it, and the residual stream keeps every channel. Pairs are pruned by as many
+    channels as ``block_shape`` has outputs.
     """
 
     block_shape: tuple[int, int] = (4, 4)
@@ -43,6 +47,7 @@ class StageSettings:
     selection_lr: float = 1e-3
     reuse_penalty: float = 0.0
     prune_scope: str = "own"
+    paired: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,6 +61,8 @@ class StageSettings:
             raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
         if self.prune_scope not in PRUNE_SCOPES:
             raise ValueError(f"prune scope {self.prune_scope!r} is not one of {', '.join(PRUNE_SCOPES)}")
+        if not isinstance(self.paired, bool):
+            raise ValueError(f"paired {self.paired!r} is not true or false")
         if not (self.lr > 0 and self.selection_lr > 0):
             raise ValueError(f"learning rates must be positive (lr {self.lr!r}, selection_lr {self.selection_lr!r})")
 
@@ -181,7 +188,7 @@ def run_stage(
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     shared.train()
-    shared.begin_task(task, settings.block_shape, settings.reuse)  # type: ignore[arg-type]
+    shared.begin_task(task, settings.block_shape, settings.reuse, paired=settings.paired)  # type: ignore[arg-type]
     optimisers = _stage_optimisers(shared, family, settings)
     schedule = prune_schedule(settings.prune_ratio, settings.prune_steps)
     patch = family.patch_size(task)

@@ -116,6 +116,9 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
         (["sisr", "--latency-rounds", "-2"], "--latency-rounds -2 must be at least 1"),
         (["sisr", "--block-shapes", "4by4"], "block shape '4by4'"),
         (["sisr", "--block-shapes", "8x1024/fast"], "--block-shapes '8x1024/fast': prune scope 'fast' is not one of"),
+        (["sisr", "--block-shapes", "8x1024+pairs"], "--block-shapes '8x1024+pairs': block spec '8x1024+pairs': "
+                                                     "'+pairs' is not +paired"),
+        (["nic", "--block-shapes", "8x1024/active+paired"], "the nic model declares no channel pairs"),
         (["sisr", "--reuse-penalty", "-0.5"], "--reuse-penalty -0.5 must be at least 0"),
         (["sisr", "--reuse-penalty", "nan"], "--reuse-penalty nan must be at least 0"),
         (["sisr", "--train", "/nonexistent"], "'/nonexistent' does not exist"),
@@ -149,6 +152,10 @@ def test_a_png_spec_names_its_block_shape_scope_and_prune_ratio(capsys: pytest.C
     assert compare._stage_settings(TINY_SISR, "4x4", seed=0).prune_ratio == TINY_SISR.prune_ratio
     assert compare._system("8x1024/active@0.350") == "png-8x1024-active-r0.35"
     assert compare._system("8x1024/active") == "png-8x1024-active" and compare._system("4x4@0.5") == "png-4x4-r0.5"
+    paired = compare._stage_settings(TINY_SISR, "8x1024/active+paired@0.4", seed=0)
+    assert (paired.paired, paired.prune_scope, paired.prune_ratio) == (True, "active", 0.4)
+    assert not compare._stage_settings(TINY_SISR, "8x1024/active", seed=0).paired
+    assert compare._system("8x1024/active+paired@0.4") == "png-8x1024-active-paired-r0.4"
     for spec, message in (("8x1024@half", "prune ratio 'half' is not a number"),
                           ("8x1024/active@1.5", "prune ratio 1.5 is outside")):
         with pytest.raises(SystemExit):

@@ -37,6 +37,33 @@ def test_upscaling_runs_the_compacted_later_task_and_matches_the_masked_model(mo
     assert fast.network.compact("x3") is fast.network.compact("x3")  # built once
 
 
+def test_a_paired_sisr_run_serves_tasks_that_neither_compute_nor_read_the_released_inner_channels(tmp_path) -> None:
+    from pngrow.pipeline.cli import main
+
+    out = tmp_path / "paired"
+    assert main(["run", "--family", "sisr", "--tasks", "x2,x3", "--arch", "width=16", "--arch", "depth=2", "--arch",
+                 "lr_patch=8", "--out", str(out), *ACTIVE, "--paired"]) == 0
+    fast = load_shared_model(str(out), progress=False)
+    masked = load_shared_model(str(out), progress=False, compacted=False)
+    assert fast.network.shared.channel_pairs == (("body.0.conv1", "body.0.conv2"), ("body.1.conv1", "body.1.conv2"))
+    image = skimage.data.astronaut()[:40, :52]
+    for task in ("x2", "x3"):
+        ours, reference = fast.upscale(image, task), masked.upscale(image, task)
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+        plans = {plan.layer: plan for plan in fast.network.compact(task).plans}
+        for block in ("body.0", "body.1"):  # each residual block computes 8 of its 16 inner channels, and reads 8
+            assert plans[f"{block}.conv1"].outputs == (8, 16) and plans[f"{block}.conv2"].inputs == (8, 16), task
+            assert plans[f"{block}.conv2"].outputs == (16, 16)  # the residual stream keeps every channel
+
+
+def test_a_paired_nic_run_is_refused_in_one_line(capsys) -> None:
+    from pngrow.pipeline.cli import main
+
+    assert main(["run", "--family", "nic", "--tasks", "q2", "--arch", "N=8", "--arch", "M=8", "--arch", "patch=64",
+                 *ACTIVE, "--paired"]) == 2
+    assert "task 'q2' is paired, but this ScaleHyperprior declares no channel pairs" in capsys.readouterr().err
+
+
 def test_codec_bitstreams_of_the_compacted_model_decode_with_either(models) -> None:
     fast = load_shared_model(str(models["nic"]), progress=False)
     masked = load_shared_model(str(models["nic"]), progress=False, compacted=False)

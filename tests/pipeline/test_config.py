@@ -126,3 +126,19 @@ def test_parallel_trials_defaults_to_every_slot_of_the_cluster(tmp_path: Path) -
     assert load_config(path).parallel_trials is None
     path.write_text("family: sisr\ntasks: [x2]\nbudget: {parallel_trials: 3}\n")
     assert load_config(path).parallel_trials == 3
+
+
+def test_a_space_that_can_pair_tasks_needs_a_family_that_declares_channel_pairs(tmp_path: Path) -> None:
+    from pngrow.pipeline.plan import prepare
+
+    space = tmp_path / "space.yaml"
+    space.write_text("family: nic\nparameters:\n  paired: {type: categorical, choices: [false, true]}\n")
+    path = tmp_path / "search.yaml"
+    path.write_text(f"family: nic\ntasks: [q2]\nsearch_space: {space}\n")
+    with pytest.raises(ConfigError, match=f"search space '{space}': paired: true needs channel pairs, and the nic "
+                                          "model declares none"):
+        prepare(load_config(path))
+    space.write_text("family: nic\nparameters: {lr: {type: float, low: 1.0e-4, high: 1.0e-3}}\nfixed: {paired: false}\n")
+    prepare(load_config(path))
+    path.write_text("family: sisr\ntasks: [x2]\nsearch_space: sisr-tiny\n")
+    prepare(load_config(path))  # sisr declares each residual block's two convolutions

@@ -120,7 +120,11 @@ class SISRFamily(Family, Upscaler):
         return EDSR({t: scale_of(t) for t in self.tasks}, self.arch["width"], self.arch["depth"], self.arch["skip"])
 
     def wrap(self, model: nn.Module) -> SharedNetwork:
-        return SharedNetwork(model, task_heads=["tails"], task_arg="task")
+        """Shared body; one tail per scale. Each residual block's first convolution feeds only its second (through
+        a ReLU): a channel pair, which a paired task prunes together (an inner channel neither computes nor reads)."""
+        blocks = [f"body.{i}" for i, block in enumerate(model.body) if isinstance(block, _ResBlock)]
+        return SharedNetwork(model, task_heads=["tails"], task_arg="task",
+                             channel_pairs=[(f"{b}.conv1", f"{b}.conv2") for b in blocks])
 
     def loss(self, shared: SharedNetwork, task: str, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss = F.l1_loss(shared(task, bicubic_downscale(batch, scale_of(task))), batch)

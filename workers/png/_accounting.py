@@ -186,7 +186,7 @@ def model_cost(shared: SharedNetwork) -> ModelCost:
         dense_params = dense_params or dense
         selection_bits = index > 0 and task.reuse == "learned"
         for layer in layers:
-            mask_bits += layer.grid(task.block_shape).num_blocks * (2 if selection_bits else 1)
+            mask_bits += layer.task_grid(task).num_blocks * (2 if selection_bits else 1)
     stored_bytes += -(-mask_bits // 8)
     checkpoint = sum(t.numel() * t.element_size() for t in checkpoint_tensors(shared).values())
     return ModelCost(stored, mask_bits, stored_bytes, checkpoint, independent, dense_params)

@@ -211,7 +211,23 @@ def compact_task(
             _replace(model, name, compact)
             plans.append(LayerPlan(name, chosen, (compact.computed_outputs, compact.out_channels),
                                    (compact.read_inputs, compact.in_channels), len(compact.parts), seconds))
+    for producer, consumer in shared.channel_pairs:
+        _pass_channels_on(model.get_submodule(producer), model.get_submodule(consumer))
     return CompactModel(model, task, shared.task_arg, plans)
+
+
+def _pass_channels_on(producer: nn.Module, consumer: nn.Module) -> None:
+    """Where a channel pair's consumer reads exactly the channels its producer computes, the producer hands on only
+    those (no full-width output filled with its bias) and the consumer reads them as they come."""
+    if not (isinstance(producer, CompactLayer) and isinstance(consumer, CompactLayer)):
+        return
+    if producer.rows is None or len(consumer.parts) != 1 or consumer.cols0 is None:
+        return
+    if torch.equal(producer.rows, consumer.cols0):
+        producer.rows = producer.fill = None
+        producer.out_channels = len(consumer.cols0)
+        consumer.in_channels = len(consumer.cols0)
+        consumer.cols0 = None
 
 
 def _refuse_second_names(shared: SharedNetwork) -> None:
@@ -231,7 +247,7 @@ def _targets(shared: SharedNetwork, task: str) -> list[tuple[str, torch.Tensor, 
     index = shared.task_index(task)
     record = shared.tasks[index]
     targets = [(layer.name, layer.effective_weight(index, record).detach().clone(),
-                layer.active_plane(index, record.block_shape)) for layer in shared.shared_layers()]
+                layer.active_plane(index, record)) for layer in shared.shared_layers()]
     prefixes = head_prefixes(shared.task_heads, task)
     for name, module in shared.model.named_modules():
         if isinstance(module, PRUNABLE_TYPES) and name.startswith(prefixes):

@@ -30,8 +30,8 @@ from torch.nn.utils import prune as prune_utils
 
 from ._blocks import BlockGrid, parse_block_shape
 
-__all__ = ["FREE", "PRUNABLE_TYPES", "PRUNE_SCOPES", "PruneScope", "Reuse", "SharedLayer", "SharedNetwork", "TaskRecord",
-           "UnknownTaskError", "head_prefixes"]
+__all__ = ["FREE", "PRUNABLE_TYPES", "PRUNE_SCOPES", "PruneCandidates", "PruneScope", "Reuse", "SharedLayer",
+           "SharedNetwork", "TaskRecord", "UnknownTaskError", "head_prefixes"]
 
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 Reuse = Literal["learned", "all", "none"]
@@ -62,12 +62,14 @@ class UnknownTaskError(KeyError, ValueError):
 
 @dataclass
 class TaskRecord:
-    """A task of the shared network: its name, block shape, how it reuses earlier blocks, and its stored state."""
+    """A task of the shared network: its name, block shape, how it reuses earlier blocks, whether it prunes the
+    network's channel pairs together (``paired``), and its stored state."""
 
     name: str
     block_shape: tuple[int, int]
     reuse: Reuse
     committed: bool = False
+    paired: bool = False
     local_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
@@ -81,6 +83,47 @@ class _BinaryStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return grad
+
+
+@dataclass(frozen=True)
+class PruneCandidates:
+    """The blocks of one layer (or of a channel pair, joined) that a task's pruning decides on, all grid shaped: the
+    task's own blocks, the earlier blocks on offer and those of them it reuses, the blocks it computes with now, and
+    each block's sum of squared weights and count of weights."""
+
+    own: torch.Tensor
+    offered: torch.Tensor
+    reused: torch.Tensor
+    current: torch.Tensor
+    squares: torch.Tensor
+    size: torch.Tensor
+
+    def joined(self, other: PruneCandidates) -> PruneCandidates:
+        """Blocks decided together: a block is a candidate or current in either, its weights are both's."""
+        return PruneCandidates(self.own | other.own, self.offered | other.offered, self.reused | other.reused,
+                               self.current | other.current, self.squares + other.squares, self.size + other.size)
+
+    def transposed(self) -> PruneCandidates:
+        """The same blocks with the grid's axes swapped."""
+        return PruneCandidates(*(t.T for t in (self.own, self.offered, self.reused, self.current, self.squares,
+                                               self.size)))
+
+
+def _strongest(candidates: PruneCandidates, ratio: float) -> torch.Tensor | None:
+    """The blocks to keep when ``ratio`` of the candidates are released, weakest RMS first (at least one kept);
+    ``None`` when there is nothing to release."""
+    n_candidates = int((candidates.own | candidates.offered).sum())
+    if n_candidates == 0:
+        return None
+    n_keep = max(1, n_candidates - round(ratio * n_candidates))
+    if int(candidates.current.sum()) <= n_keep:
+        return None
+    rms = torch.sqrt(candidates.squares / candidates.size.clamp_min(1))
+    rms = torch.where(candidates.current, rms, torch.tensor(-1.0, device=rms.device))
+    order = torch.argsort(rms.flatten(), descending=True, stable=True)
+    top = torch.zeros(rms.numel(), dtype=torch.bool, device=rms.device)
+    top[order[:n_keep]] = True
+    return top.reshape(rms.shape)
 
 
 class SharedLayer(nn.Module):
@@ -101,12 +144,24 @@ class SharedLayer(nn.Module):
         self.selected: dict[int, torch.Tensor] = {}
         self.growth: nn.Parameter | None = None
         self.scores: nn.Parameter | None = None
+        # Set by SharedNetwork: this layer is the producer or the consumer of a channel pair.
+        self.pair_role: Literal["producer", "consumer"] | None = None
         self._active_cache: dict[int, torch.Tensor] = {}
 
     # --- geometry ------------------------------------------------------------------------------------------------
     def grid(self, block_shape: tuple[int, int]) -> BlockGrid:
         """The blocks of ``block_shape`` over this layer's channel plane."""
         return BlockGrid(self.plane, block_shape)
+
+    def task_grid(self, task: TaskRecord) -> BlockGrid:
+        """The blocks ``task`` prunes and selects here: its block shape, except in a channel pair when the task is
+        paired: there, as many channels as its blocks have outputs, whole rows of the producer and whole columns of
+        the consumer, so that each block of the consumer reads exactly one block of the producer's outputs."""
+        if task.paired and self.pair_role == "producer":
+            return BlockGrid(self.plane, (task.block_shape[0], self.plane[1]))
+        if task.paired and self.pair_role == "consumer":
+            return BlockGrid(self.plane, (self.plane[0], task.block_shape[0]))
+        return BlockGrid(self.plane, task.block_shape)
 
     def to_weight(self, plane: torch.Tensor) -> torch.Tensor:
         """A plane-shaped tensor broadcast to the weight's shape."""
@@ -120,19 +175,19 @@ class SharedLayer(nn.Module):
         return plane.transpose(0, 1) if self.transposed else plane
 
     # --- masks ---------------------------------------------------------------------------------------------------
-    def active_plane(self, index: int, block_shape: tuple[int, int]) -> torch.Tensor:
+    def active_plane(self, index: int, task: TaskRecord) -> torch.Tensor:
         """Channel pairs that committed task ``index`` computes with: its own and its selected earlier ones."""
         cached = self._active_cache.get(index)
         if cached is None:
             earlier = self.owned() & (self.owner < index)
-            selected = self.grid(block_shape).expand(self.selected[index]) & earlier
+            selected = self.task_grid(task).expand(self.selected[index]) & earlier
             cached = (self.owner == index) | selected
             self._active_cache[index] = cached
         return cached
 
-    def own_plane(self, index: int, block_shape: tuple[int, int]) -> torch.Tensor:
+    def own_plane(self, index: int, task: TaskRecord) -> torch.Tensor:
         """Channel pairs the task in progress grows: free ones inside its kept blocks."""
-        return self.grid(block_shape).expand(self.kept[index]) & (self.owner == FREE)
+        return self.task_grid(task).expand(self.kept[index]) & (self.owner == FREE)
 
     def owned(self) -> torch.Tensor:
         """Channel pairs some committed task owns."""
@@ -142,10 +197,10 @@ class SharedLayer(nn.Module):
         """Channel pairs task ``index`` computes with now: :meth:`active_plane` once committed; while in progress,
         its own plane and the earlier pairs its current selection (learned scores above 0, or fixed) picks."""
         if task.committed:
-            return self.active_plane(index, task.block_shape)
+            return self.active_plane(index, task)
         chosen = (self.scores.detach() > 0) if self.scores is not None else self.selected[index]
-        earlier = self.owned() & self.grid(task.block_shape).expand(chosen)
-        return self.own_plane(index, task.block_shape) | earlier
+        earlier = self.owned() & self.task_grid(task).expand(chosen)
+        return self.own_plane(index, task) | earlier
 
     def masks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task ``index``'s block masks as stored: (kept blocks, selected earlier blocks), grid shaped, bool."""
@@ -159,7 +214,7 @@ class SharedLayer(nn.Module):
         device = self.owner.device
         self.owner.fill_(FREE)
         for index, (task, (kept, selected)) in enumerate(zip(tasks, masks)):
-            grid = self.grid(task.block_shape)
+            grid = self.task_grid(task)
             if tuple(kept.shape) != grid.shape or tuple(selected.shape) != grid.shape:
                 raise ValueError(f"layer {self.name!r}: task {task.name!r}'s masks are not of its {grid.shape} blocks")
             self.kept[index], self.selected[index] = kept.bool().to(device), selected.bool().to(device)
@@ -175,11 +230,11 @@ class SharedLayer(nn.Module):
     def effective_weight(self, index: int, task: TaskRecord) -> torch.Tensor:
         """The weight task ``index`` computes with; only its active blocks are non-zero."""
         if task.committed:
-            return torch.where(self.to_weight(self.active_plane(index, task.block_shape)), self.weight, 0.0)
+            return torch.where(self.to_weight(self.active_plane(index, task)), self.weight, 0.0)
         assert self.growth is not None
-        own = self.to_weight(self.own_plane(index, task.block_shape))
+        own = self.to_weight(self.own_plane(index, task))
         earlier = self.to_weight(self.owned())
-        grid = self.grid(task.block_shape)
+        grid = self.task_grid(task)
         if self.scores is not None:
             selection = self.to_weight(grid.expand(_BinaryStep.apply(self.scores))) * earlier
             reused = self.weight * selection
@@ -191,7 +246,7 @@ class SharedLayer(nn.Module):
     def begin(self, index: int, task: TaskRecord, reinit: bool) -> None:
         """Start task ``index``: every block kept, a growth tensor (its free positions re-initialised when
         ``reinit``) and a selection of the earlier blocks."""
-        grid = self.grid(task.block_shape)
+        grid = self.task_grid(task)
         device = self.weight.device
         self.kept[index] = torch.ones(grid.shape, dtype=torch.bool, device=device)
         has_earlier = grid.block_any(self.owned())
@@ -216,33 +271,37 @@ class SharedLayer(nn.Module):
         same RMS, and those that lose are deselected, so the task computes with at most ``1 - ratio`` of them, as the
         first task does. Then later tasks free whole channels too, and compact (see :func:`compact_task`).
         """
+        candidates = self.candidates(index, task, scope)
+        self.keep(index, candidates, _strongest(candidates, ratio))
+
+    def candidates(self, index: int, task: TaskRecord, scope: PruneScope) -> PruneCandidates:
+        """What pruning task ``index`` in ``scope`` decides on in this layer (see :meth:`prune`)."""
         assert self.growth is not None
-        grid = self.grid(task.block_shape)
+        grid = self.task_grid(task)
         free = self.owner == FREE
         earlier = (self.owner >= 0) & (self.owner < index)
         own = grid.block_any(free)
         offered = grid.block_any(earlier) if scope == "active" else torch.zeros_like(own)
         reused = self.selected[index] & offered
-        n_candidates = int((own | offered).sum())
-        if n_candidates == 0:
-            return
-        n_keep = max(1, n_candidates - round(ratio * n_candidates))
-        current = (self.kept[index] & own) | reused
-        if int(current.sum()) <= n_keep:
-            return
         with torch.no_grad():
             positions = free | (earlier & grid.expand(reused))
             values = torch.where(self.to_weight(free), self.growth.detach().float(), self.weight.float())
-            squares = self.from_weight(values**2) * positions
+            squares = grid.block_sum(self.from_weight(values**2) * positions)
             size = grid.block_sum(positions.float()) * self.kernel_numel
-            rms = torch.sqrt(grid.block_sum(squares) / size.clamp_min(1))
-        rms = torch.where(current, rms, torch.tensor(-1.0, device=rms.device))
-        order = torch.argsort(rms.flatten(), descending=True, stable=True)
-        top = torch.zeros(grid.num_blocks, dtype=torch.bool, device=rms.device)
-        top[order[:n_keep]] = True
-        top = top.reshape(grid.shape)
-        self.kept[index] = top & own
-        self.selected[index] = self.selected[index] & (top | ~reused)
+        return PruneCandidates(own, offered, reused, (self.kept[index] & own) | reused, squares, size)
+
+    def keep(self, index: int, candidates: PruneCandidates, top: torch.Tensor | None) -> None:
+        """Keep task ``index``'s blocks ``top`` of ``candidates`` (grid shaped; ``None``: keep all): its own blocks
+        outside ``top`` are released, its reused earlier blocks outside ``top`` deselected."""
+        if top is None:
+            return
+        self.kept[index] = top & candidates.own
+        self.selected[index] = self.selected[index] & (top | ~candidates.reused)
+        self._active_cache.pop(index, None)
+
+    def deselect(self, index: int, blocks: torch.Tensor) -> None:
+        """Task ``index`` no longer selects the earlier ``blocks`` (grid shaped)."""
+        self.selected[index] = self.selected[index] & ~blocks
         self._active_cache.pop(index, None)
 
     def fix_selection(self, index: int) -> None:
@@ -255,7 +314,7 @@ class SharedLayer(nn.Module):
         """Task ``index`` owns its kept free channel pairs, their weights are written, its growth dropped."""
         assert self.growth is not None
         self.fix_selection(index)
-        own = self.own_plane(index, task.block_shape)
+        own = self.own_plane(index, task)
         with torch.no_grad():
             self.owner[own] = index
             owned = self.to_weight(self.owned())
@@ -279,7 +338,8 @@ class SharedNetwork(nn.Module):
     torch.Size([1, 3, 8, 8])
     """
 
-    def __init__(self, model: nn.Module, task_heads: Sequence[str] = (), task_arg: str | None = None) -> None:
+    def __init__(self, model: nn.Module, task_heads: Sequence[str] = (), task_arg: str | None = None,
+                 channel_pairs: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__()
         self.model = model
         self.task_heads = tuple(task_heads)
@@ -298,6 +358,28 @@ class SharedNetwork(nn.Module):
             del module._parameters["weight"]
             module.register_forward_pre_hook(_WeightHook(self, self.layers[_key(name)]))
         self.local_names = [n for n, _ in _named_tensors(model) if not self._in_head(n)]
+        self.channel_pairs = self._check_pairs(channel_pairs)
+        for producer, consumer in self.channel_pairs:
+            self.layers[_key(producer)].pair_role = "producer"
+            self.layers[_key(consumer)].pair_role = "consumer"
+
+    def _check_pairs(self, pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        """``pairs`` as a tuple, each (producer, consumer) two shared layers, the producer's outputs as many as the
+        consumer's inputs; a consumer has one producer and produces no pair itself."""
+        checked = tuple((str(producer), str(consumer)) for producer, consumer in pairs)
+        for producer, consumer in checked:
+            for name in (producer, consumer):
+                if name not in self.layer_names:
+                    raise ValueError(f"channel pair layer {name!r} is not a shared Conv or Linear layer of "
+                                     f"{type(self.model).__name__}")
+            outputs, inputs = self.layers[_key(producer)].plane[0], self.layers[_key(consumer)].plane[1]
+            if outputs != inputs:
+                raise ValueError(f"channel pair ({producer!r}, {consumer!r}): {outputs} outputs feed {inputs} inputs")
+        consumers = [c for _, c in checked]
+        for name in consumers:
+            if consumers.count(name) > 1 or name in {p for p, _ in checked}:
+                raise ValueError(f"layer {name!r} is in more than one channel pair")
+        return checked
 
     # --- tasks -----------------------------------------------------------------------------------------------------
     def _in_head(self, name: str) -> bool:
@@ -331,16 +413,26 @@ class SharedNetwork(nn.Module):
         return [self.layers[_key(n)] for n in self.layer_names]  # type: ignore[misc]
 
     def begin_task(
-        self, name: str, block_shape: tuple[int, int] | str = (4, 4), reuse: Reuse = "learned", reinit: bool | None = None
+        self, name: str, block_shape: tuple[int, int] | str = (4, 4), reuse: Reuse = "learned",
+        reinit: bool | None = None, paired: bool = False,
     ) -> None:
-        """Start growing task ``name`` into the free blocks (re-initialised unless it is the first task)."""
+        """Start growing task ``name`` into the free blocks (re-initialised unless it is the first task).
+
+        ``paired``: the task prunes only the network's ``channel_pairs`` (and, in the active scope, its own head),
+        each by channels, as many as its blocks have outputs, released from the producer's outputs and the consumer's
+        inputs together, so that both layers of a pair compute with the same channels (see
+        :meth:`SharedLayer.task_grid`). Every other shared layer it keeps whole (e.g. those that write a residual
+        stream, whose pruning costs the most quality).
+        """
+        if paired and not self.channel_pairs:
+            raise ValueError(f"task {name!r} is paired, but this {type(self.model).__name__} declares no channel pairs")
         if self.task_in_progress is not None:
             raise RuntimeError(f"task {self.task_in_progress.name!r} is still in progress; commit it first")
         if name in self.task_names:
             raise ValueError(f"task {name!r} already exists")
         if reuse not in REUSE_CHOICES:
             raise ValueError(f"reuse {reuse!r} is not one of {', '.join(REUSE_CHOICES)}")
-        task = TaskRecord(name, parse_block_shape(block_shape), reuse)
+        task = TaskRecord(name, parse_block_shape(block_shape), reuse, paired=paired)
         if not any(bool((layer.owner == FREE).any()) for layer in self.shared_layers()):
             raise RuntimeError(f"no free blocks left to grow task {name!r}: prune an earlier task first")
         reinit = bool(self.tasks) if reinit is None else reinit
@@ -355,14 +447,25 @@ class SharedNetwork(nn.Module):
 
     def prune(self, ratio: float, scope: PruneScope = "own") -> None:
         """Release ``ratio`` of the in-progress task's candidate blocks in every layer (weakest block RMS first);
-        with ``scope="active"`` its selected earlier blocks are candidates too (see :meth:`SharedLayer.prune`)."""
+        with ``scope="active"`` its selected earlier blocks are candidates too (see :meth:`SharedLayer.prune`). A
+        paired task prunes its channel pairs only, each pair's two layers by their joint block RMS."""
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"prune ratio {ratio!r} is outside [0, 1)")
         if scope not in PRUNE_SCOPES:
             raise ValueError(f"prune scope {scope!r} is not one of {', '.join(PRUNE_SCOPES)}")
         task = self._require_in_progress()
+        index = len(self.tasks) - 1
+        paired = dict(self.channel_pairs) if task.paired else {}
+        consumers = set(paired.values())
         for layer in self.shared_layers():
-            layer.prune(len(self.tasks) - 1, task, ratio, scope)
+            if layer.name in paired:
+                consumer = self.layers[_key(paired[layer.name])]
+                mine, theirs = layer.candidates(index, task, scope), consumer.candidates(index, task, scope)
+                top = _strongest(mine.joined(theirs.transposed()), ratio)
+                layer.keep(index, mine, top)
+                consumer.keep(index, theirs, None if top is None else top.T)
+            elif layer.name not in consumers and not task.paired:
+                layer.prune(index, task, ratio, scope)
         if scope == "active":
             for module in self._head_layers(task.name):
                 prune_utils.custom_from_mask(module, "weight", _strongest_blocks(module, task.block_shape, ratio))
@@ -374,9 +477,16 @@ class SharedNetwork(nn.Module):
 
     def fix_selection(self) -> None:
         """Freeze the in-progress task's learned selection of earlier blocks (binarised at 0)."""
-        self._require_in_progress()
+        task = self._require_in_progress()
+        index = len(self.tasks) - 1
         for layer in self.shared_layers():
-            layer.fix_selection(len(self.tasks) - 1)
+            layer.fix_selection(index)
+        for producer, consumer in self.channel_pairs if task.paired else ():
+            # Channels the consumer reads nothing of are computed for nothing: deselecting the producer's earlier
+            # blocks of them changes no output (a pair's producer feeds only its consumer).
+            reader = self.layers[_key(consumer)]
+            read = reader.task_grid(task).block_any(reader.current_plane(index, task))
+            self.layers[_key(producer)].deselect(index, ~read.T)
 
     def commit(self) -> None:
         """Make the in-progress task permanent: it owns its kept blocks and its state is frozen."""
@@ -384,6 +494,7 @@ class SharedNetwork(nn.Module):
         index = len(self.tasks) - 1
         if self._active == index:
             task.local_state = self._live_local_state()
+        self.fix_selection()
         for layer in self.shared_layers():
             layer.commit(index, task)
         for module in self._head_layers(task.name):

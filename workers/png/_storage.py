@@ -42,7 +42,9 @@ def save_shared(shared: SharedNetwork, folder: str | Path, architecture: dict[st
         "architecture": architecture,
         "task_heads": list(shared.task_heads),
         "task_arg": shared.task_arg,
-        "tasks": [{"name": t.name, "block_shape": list(t.block_shape), "reuse": t.reuse} for t in shared.tasks],
+        "channel_pairs": [list(pair) for pair in shared.channel_pairs],
+        "tasks": [{"name": t.name, "block_shape": list(t.block_shape), "reuse": t.reuse, "paired": t.paired}
+                  for t in shared.tasks],
         "layers": [{"name": layer.name, "weight_shape": list(layer.weight.shape)} for layer in shared.shared_layers()],
         "sha256": _sha256(weights_path),
     }
@@ -100,7 +102,10 @@ def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.M
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:  # never falls back to another format: nothing is unpickled
         raise CheckpointError(f"{weights_path} is not a safetensors file: {exc}") from None
-    shared = SharedNetwork(build_model(description["architecture"]), description["task_heads"], description["task_arg"])
+    # Models saved before channel pairs existed have none, and no paired task.
+    pairs = [tuple(pair) for pair in description.get("channel_pairs", [])]
+    shared = SharedNetwork(build_model(description["architecture"]), description["task_heads"], description["task_arg"],
+                           pairs)
     expected = [layer["name"] for layer in description["layers"]]
     if shared.layer_names != expected:
         raise CheckpointError(f"{folder}: the rebuilt model's shared layers differ from the saved ones")
@@ -108,7 +113,8 @@ def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.M
         if name.startswith("head/"):
             assign_tensor(shared.model, name[len("head/") :], value)
     for spec in description["tasks"]:
-        task = TaskRecord(spec["name"], tuple(spec["block_shape"]), spec["reuse"], committed=True)
+        task = TaskRecord(spec["name"], tuple(spec["block_shape"]), spec["reuse"], committed=True,
+                          paired=bool(spec.get("paired", False)))
         prefix = f"task/{task.name}/local/"
         task.local_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         shared.tasks.append(task)

@@ -26,7 +26,7 @@ def _grow(shared: SharedNetwork, name: str, scope: str) -> None:
 def _computed_rows(shared: SharedNetwork, name: str) -> list[int]:
     index = shared.task_index(name)
     record = shared.tasks[index]
-    return [int(layer.active_plane(index, record.block_shape).any(1).sum()) for layer in shared.shared_layers()]
+    return [int(layer.active_plane(index, record).any(1).sum()) for layer in shared.shared_layers()]
 
 
 @pytest.mark.parametrize("scope, rows_b", [("own", [12, 12, 4]), ("active", [8, 8, 2])])
@@ -57,7 +57,7 @@ def test_active_scope_deselects_the_weakest_reused_blocks_and_keeps_the_stronges
     shared.prune(0.5, "active")
     shared.commit()
     index = shared.task_index("b")
-    active = layer.active_plane(index, (2, 64))
+    active = layer.active_plane(index, shared.tasks[index])
     owned_by_a = (layer.owner == 0).any(1)
     assert torch.equal(active.any(1), owned_by_a)  # b computes exactly a's (strongest) rows, none of its own
 

@@ -74,14 +74,14 @@ def test_output_depends_only_on_active_blocks(toy: SharedNetwork, toy_input: tor
             assert torch.equal(noisy_layer.owner, layer.owner)
         noisy.tasks = toy.tasks
         for layer in noisy.shared_layers():
-            inactive = ~layer.to_weight(layer.active_plane(index, task.block_shape)).expand_as(layer.weight)
+            inactive = ~layer.to_weight(layer.active_plane(index, task)).expand_as(layer.weight)
             with torch.no_grad():
                 layer.weight[inactive] = float("nan")  # anything outside the active blocks
         noisy.eval()
         with torch.no_grad():
             assert torch.equal(noisy(task.name, toy_input), reference[task.name])
         layer = noisy.layers["conv"]
-        active = layer.to_weight(layer.active_plane(index, task.block_shape)).expand_as(layer.weight)
+        active = layer.to_weight(layer.active_plane(index, task)).expand_as(layer.weight)
         with torch.no_grad():
             layer.weight[active] += 1.0
             assert not torch.equal(noisy(task.name, toy_input), reference[task.name])
@@ -91,7 +91,7 @@ def test_forward_equals_convolution_with_the_masked_weight(toy: SharedNetwork) -
     train_task(toy, "a", (4, 4), 0.5)
     train_task(toy, "b", (3, 2), 0.3)
     layer = toy.layers["grouped"]
-    mask = layer.to_weight(layer.active_plane(1, (3, 2)))
+    mask = layer.to_weight(layer.active_plane(1, toy.tasks[1]))
     x = torch.randn(1, 10, 6, 6)
     toy.activate("b")
     module = toy.model.grouped
@@ -105,9 +105,9 @@ def test_reuse_modes(toy: SharedNetwork) -> None:
     train_task(toy, "c", (2, 2), 0.0, reuse="all")
     for layer in toy.shared_layers():
         earlier_of_b = layer.owner == 0
-        assert not (layer.active_plane(1, (4, 4)) & earlier_of_b).any()
+        assert not (layer.active_plane(1, toy.tasks[1]) & earlier_of_b).any()
         owned_before_c = (layer.owner == 0) | (layer.owner == 1)
-        assert torch.equal(layer.active_plane(2, (2, 2)) & owned_before_c, owned_before_c)
+        assert torch.equal(layer.active_plane(2, toy.tasks[2]) & owned_before_c, owned_before_c)
 
 
 def test_learned_selection_drops_blocks_under_a_reuse_penalty(toy: SharedNetwork) -> None:

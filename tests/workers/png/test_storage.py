@@ -37,9 +37,10 @@ def test_description_is_json_and_weights_are_safetensors(toy, tmp_path: Path) ->
     assert description["format"] == "pngrow.shared/1"
     assert description["architecture"] == {"model": "toy", "width": 3}
     assert description["tasks"] == [
-        {"name": "a", "block_shape": [4, 4], "reuse": "learned"},
-        {"name": "b", "block_shape": [2, 2], "reuse": "learned"},
+        {"name": "a", "block_shape": [4, 4], "reuse": "learned", "paired": False},
+        {"name": "b", "block_shape": [2, 2], "reuse": "learned", "paired": False},
     ]
+    assert description["channel_pairs"] == []
     assert len(description["sha256"]) == 64
     tensors = load_file(str(tmp_path / "weights.safetensors"))
     assert tensors["task/b/grouped/kept"].dtype == torch.uint8
