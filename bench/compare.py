@@ -381,8 +381,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _declares_pairs(family_name: str, budget: Budget) -> bool:
-    family = get_family(family_name, list(budget.tasks), **budget.arch)
-    return bool(family.wrap(family.build_model()).channel_pairs)
+    return bool(get_family(family_name, list(budget.tasks), **budget.arch).build_shared().channel_pairs)
 
 
 def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget:

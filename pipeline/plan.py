@@ -156,7 +156,7 @@ def _resolve_base(config: SearchConfig, scratch: Path) -> tuple[Base, Family]:
 def _check_paired(family: Family, space: SearchSpace) -> None:
     """A space that can pick ``paired`` is for a family whose model declares channel pairs."""
     choices = space.parameters["paired"].choices if "paired" in space.parameters else [space.fixed.get("paired")]
-    if True in choices and not family.wrap(family.build_model()).channel_pairs:
+    if True in choices and not family.build_shared().channel_pairs:
         raise ConfigError(f"search space {space.name!r}: paired: true needs channel pairs, and the {family.name} model "
                           f"declares none")
 

@@ -455,16 +455,14 @@ class SharedNetwork(nn.Module):
             raise ValueError(f"prune scope {scope!r} is not one of {', '.join(PRUNE_SCOPES)}")
         task = self._require_in_progress()
         index = len(self.tasks) - 1
-        paired = dict(self.channel_pairs) if task.paired else {}
-        consumers = set(paired.values())
-        for layer in self.shared_layers():
-            if layer.name in paired:
-                consumer = self.layers[_key(paired[layer.name])]
-                mine, theirs = layer.candidates(index, task, scope), consumer.candidates(index, task, scope)
+        if task.paired:
+            for producer, consumer in (tuple(self.layers[_key(n)] for n in pair) for pair in self.channel_pairs):
+                mine, theirs = producer.candidates(index, task, scope), consumer.candidates(index, task, scope)
                 top = _strongest(mine.joined(theirs.transposed()), ratio)
-                layer.keep(index, mine, top)
+                producer.keep(index, mine, top)
                 consumer.keep(index, theirs, None if top is None else top.T)
-            elif layer.name not in consumers and not task.paired:
+        else:
+            for layer in self.shared_layers():
                 layer.prune(index, task, ratio, scope)
         if scope == "active":
             for module in self._head_layers(task.name):
