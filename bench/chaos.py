@@ -31,9 +31,8 @@ from typing import Sequence
 import psutil
 from mlflow import MlflowClient
 
-from tests.services import BIN, MlflowServer, Postgres, RayHead, RayNode, SeaweedS3, cluster_nodes, short_tempdir
-
 from . import require_at_least
+from .local_services import BIN, MlflowServer, Postgres, RayHead, RayNode, SeaweedS3, cluster_nodes, short_tempdir
 
 __all__ = ["KINDS", "main"]
 
@@ -68,7 +67,7 @@ class Lab:
         cluster_nodes(self.head, nodes + 1)
         self.client = MlflowClient(self.mlflow.uri)
 
-    def _start(self, service, *args):  # noqa: ANN001, ANN202 - the services of tests/services.py
+    def _start(self, service, *args):  # noqa: ANN001, ANN202 - the services of .local_services
         service.root.mkdir(exist_ok=True)
         service.start(*args)
         self.started.append(service)

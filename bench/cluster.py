@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from tests.services import BIN, RayHead, RayNode, cluster_nodes, short_tempdir
+from .local_services import BIN, RayHead, RayNode, cluster_nodes, short_tempdir
 
 __all__ = ["main"]
 

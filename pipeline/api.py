@@ -18,8 +18,9 @@ import torch
 from ..workers import restoration
 from ..workers.models import Codec, Family, Upscaler, load_model
 from ..workers.png import CheckpointError, CompactNetwork, SharedNetwork, read_description
+from .uris import is_mlflow_uri, parse_model_uri
 
-__all__ = ["RestorationModel", "check_device", "is_mlflow_uri", "load_shared_model", "resolve_checkpoint"]
+__all__ = ["RestorationModel", "check_device", "load_shared_model", "resolve_checkpoint"]
 
 
 def check_device(device: str) -> torch.device:
@@ -47,15 +48,6 @@ def check_device(device: str) -> torch.device:
     except (RuntimeError, AssertionError) as exc:  # torch says "not compiled with ..." by AssertionError
         raise ValueError(f"device {device!r} is not available on this machine: {str(exc).splitlines()[0]}") from None
     return parsed
-
-
-def is_mlflow_uri(uri: str) -> bool:
-    """Whether ``uri`` names a model MLflow resolves (``models:/``, ``runs:/`` or a remote URL), not a folder.
-
-    >>> is_mlflow_uri("models:/sisr@champion"), is_mlflow_uri("runs/sisr-model"), is_mlflow_uri("file:///m")
-    (True, False, False)
-    """
-    return uri.startswith(("models:/", "runs:/")) or ("://" in uri and not uri.startswith("file://"))
 
 
 def _tensor(image: Any) -> torch.Tensor:
@@ -159,13 +151,12 @@ def resolve_checkpoint(uri: str, dest: str | Path, tracking_uri: str | None = No
 
     from .tracking import using  # also imports MLflow's pyfunc quietly
 
-    label = uri
+    label, model = uri, parse_model_uri(uri)
     try:
         with using(tracking_uri or mlflow.get_tracking_uri()):
-            if uri.startswith("models:/"):
-                name, _, ref = uri.removeprefix("models:/").partition("@")
-                if ref:
-                    label = f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, ref).version}"
+            if model is not None and model.alias:
+                version = mlflow.MlflowClient().get_model_version_by_alias(model.name, model.alias).version
+                label = f"models:/{model.name}/{version}"
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except MlflowException as exc:
         raise ValueError(f"cannot load model {uri!r}: {str(exc).splitlines()[0]}") from None

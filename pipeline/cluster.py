@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import ray
 
-from .config import RayOptions, redact
+from .config import RayOptions
+from .uris import redact
 
 __all__ = ["FORWARDED_ENV", "Cluster", "RayTarget", "ask_actor", "node_id", "ray_target", "worker_device"]
 
@@ -268,13 +269,14 @@ class Cluster:
         per = max(float(per), 1e-6)  # a trial that asks for nothing fits anywhere
         return max(1, sum(int(node["Resources"].get(key, 0) / per + 1e-9) for node in ray.nodes() if node["Alive"]))
 
-    def submit(self, function: Callable[..., T], *args: Any) -> ray.ObjectRef:
-        """Run ``function(*args)`` on a worker with one trial's resources."""
+    def submit(self, function: Callable[..., T], *args: Any, name: str | None = None) -> ray.ObjectRef:
+        """Run ``function(*args)`` on a worker with one trial's resources, as the Ray task ``name`` (the function's
+        name by default; the dashboard and the worker's process title, ``ray::NAME``, show it)."""
         if function not in self._remote:  # export each function to the cluster once
             gpus = self.options.gpus_per_trial if self.device == "cuda" else 0
             self._remote[function] = ray.remote(function).options(
-                num_cpus=self.options.cpus_per_trial, num_gpus=gpus, max_retries=self.options.max_retries
-            )
+                num_cpus=self.options.cpus_per_trial, num_gpus=gpus, max_retries=self.options.max_retries,
+                name=name or function.__name__)
         return self._remote[function].remote(*args)
 
     @staticmethod

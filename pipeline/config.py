@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 
 from .._validation import ConfigError, check_keys, typed
+from .uris import redact
 
 __all__ = ["COST_OBJECTIVES", "RAY_DEVICES", "EarlyStopping", "RayOptions", "SearchConfig", "as_smoke_test",
-           "flat_params", "load_config", "public_config", "redact", "tracking_uri"]
+           "config_from_fields", "flat_params", "load_config", "public_config", "tracking_uri"]
 
 
 def tracking_uri(uri: str | None = None, workdir: str = "pngrow-runs") -> str:
@@ -25,14 +26,6 @@ def tracking_uri(uri: str | None = None, workdir: str = "pngrow-runs") -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
-
-def redact(uri: str | None) -> str | None:
-    """``uri`` with any password (``scheme://user:password@host``) replaced, for logs, params and tags.
-
-    >>> redact("postgresql://pngrow:s3cret@db:5432/optuna")
-    'postgresql://pngrow:***@db:5432/optuna'
-    """
-    return None if uri is None else re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", uri)
 
 # Costs a search can minimise beside quality: the share of weights a task computes with, the stored parameters of the
 # whole model, and the task's measured latency compacted (``latency``: the median on the trial's device as a share of
@@ -43,7 +36,17 @@ _TOP = {"name", "family", "tasks", "arch", "data", "search_space", "budget", "ob
 
 
 RAY_DEVICES = ("auto", "cpu", "cuda")  # RayOptions.device
-_BUDGET = {"trials_per_stage", "parallel_trials", "early_stopping"}
+# Where the SearchConfig fields a config file groups stand in it: section -> key -> field (the other fields are top
+# level, by their own names). ``objectives: {latency: {size, rounds}}`` is one level deeper (_LATENCY).
+_SECTIONS = {
+    "data": {"train": "train_data", "eval": "eval_data", "eval_limit": "eval_limit", "cache": "data_cache"},
+    "budget": {"trials_per_stage": "trials_per_stage", "parallel_trials": "parallel_trials",
+               "early_stopping": "early_stopping"},
+    "objectives": {"quality": "quality", "cost": "costs"},
+    "select": {"rule": "rule", "tolerance": "tolerance"},
+    "tracking": {"uri": "tracking_uri", "experiment": "experiment"},
+}
+_LATENCY = {"size": "latency_size", "rounds": "latency_rounds"}
 
 
 @dataclass(frozen=True)
@@ -136,12 +139,12 @@ class SearchConfig:
         return None
 
 
-def _optional(raw: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
-    value = raw.get(key)
+def _optional(value: Any, field: str, kind: type | tuple[type, ...]) -> Any:
+    """``value`` (None: not given) if it is a ``kind``, a string with its ``${VAR}`` expanded."""
     if value is None:
         return None
-    value = typed(value, f"{where} field {key!r}", kind)
-    return _expand(value, f"{where} field {key!r}") if isinstance(value, str) else value
+    value = typed(value, field, kind)
+    return _expand(value, field) if isinstance(value, str) else value
 
 
 def _expand(value: str, field: str) -> str:
@@ -161,12 +164,12 @@ def _positive(value: int, field: str) -> int:
 
 
 def _parallel(value: Any, field: str) -> int | None:
-    """``auto`` (None: as many trials at once as the cluster has slots), or a positive cap.
+    """``auto`` or None (as many trials at once as the cluster has slots), or a positive cap.
 
-    >>> _parallel("auto", "parallel_trials"), _parallel(3, "parallel_trials")
-    (None, 3)
+    >>> _parallel("auto", "parallel_trials"), _parallel(None, "parallel_trials"), _parallel(3, "parallel_trials")
+    (None, None, 3)
     """
-    if value == "auto":
+    if value == "auto" or value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{field} is {value!r}, not a whole number or 'auto'")
@@ -195,8 +198,8 @@ def _ray_options(raw: Any, where: str) -> RayOptions:
     raw = check_keys(raw, f"{where} field 'ray'", set(RayOptions.__dataclass_fields__))
     where = f"{where} ray"
     return RayOptions(
-        address=_optional(raw, "address", where, str),
-        num_cpus=_optional(raw, "num_cpus", where, int),
+        address=_optional(raw.get("address"), f"{where} field 'address'", str),
+        num_cpus=_optional(raw.get("num_cpus"), f"{where} field 'num_cpus'", int),
         cpus_per_trial=_positive(typed(raw.get("cpus_per_trial", 1), f"{where} field 'cpus_per_trial'", int),
                                  f"{where} field 'cpus_per_trial'"),
         gpus_per_trial=_not_negative(typed(raw.get("gpus_per_trial", 1.0), f"{where} field 'gpus_per_trial'", float),
@@ -238,53 +241,80 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     pngrow.errors.ConfigError: search config 'missing.yaml' does not exist
     """
     where = f"search config {str(path)!r}"
-    raw = _read(path, where, overrides or {})
-    tasks = typed(raw["tasks"], f"{where} field 'tasks'", list)
+    fields, places = _file_fields(_read(path, where, overrides or {}), where)
+    return config_from_fields({"name": Path(path).stem, **fields}, where, places)
+
+
+def _file_fields(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The :class:`SearchConfig` fields of a config file's top level ``raw``, taken out of their sections (see
+    :data:`_SECTIONS`), and where each sectioned field stands in the file, for messages."""
+    fields = {key: value for key, value in raw.items() if key not in _SECTIONS}
+    places: dict[str, str] = {}
+    sections = {}
+    for section, keys in _SECTIONS.items():
+        known = set(keys) | ({"latency"} if section == "objectives" else set())
+        sections[section] = check_keys(raw.get(section) or {}, f"{where} field {section!r}", known)
+        for key, name in keys.items():
+            places[name] = f"{section} field {key!r}"
+            if key in sections[section]:
+                fields[name] = sections[section][key]
+    latency = check_keys(sections["objectives"].get("latency") or {}, f"{where} objectives field 'latency'",
+                         set(_LATENCY))
+    for key, name in _LATENCY.items():
+        places[name] = f"objectives latency field {key!r}"
+        if key in latency:
+            fields[name] = latency[key]
+    fields["time_trials"] = bool(latency)  # objectives.latency given: every trial times its task
+    return fields, places
+
+
+def config_from_fields(fields: Any, where: str, places: dict[str, str] | None = None) -> SearchConfig:
+    """A checked :class:`SearchConfig` from a mapping of its fields: a config file's (:func:`load_config`) or the
+    one a search recorded (:func:`public_config`, read again by ``pngrow resume``). A field left out takes its
+    default; a bad one is a one-line :class:`ConfigError` naming ``where``, the field (as ``places`` names it, else
+    by its own name) and the value.
+
+    >>> config_from_fields({"family": "sisr", "tasks": ["x2"], "trials_per_stage": 0}, "search_config.json of run a1")
+    Traceback (most recent call last):
+    ...
+    pngrow.errors.ConfigError: search_config.json of run a1 field 'trials_per_stage' is 0, must be at least 1
+    """
+    fields = check_keys(fields, where, set(SearchConfig.__dataclass_fields__), {"family", "tasks"})
+
+    def field(name: str) -> str:
+        return f"{where} {(places or {}).get(name, f'field {name!r}')}"
+
+    def value(name: str, kind: type | tuple[type, ...]) -> Any:
+        default = SearchConfig.__dataclass_fields__[name].default
+        return typed(fields.get(name, default), field(name), kind)
+
+    tasks = typed(fields["tasks"], field("tasks"), list)
     if not tasks or not all(isinstance(t, str) for t in tasks):
-        raise ConfigError(f"{where} field 'tasks' is {tasks!r}, not a non-empty list of task names")
-    data = check_keys(raw.get("data") or {}, f"{where} field 'data'", {"train", "eval", "eval_limit", "cache"})
-    budget = check_keys(raw.get("budget") or {}, f"{where} field 'budget'", _BUDGET)
-    objectives = check_keys(raw.get("objectives") or {}, f"{where} field 'objectives'", {"quality", "cost", "latency"})
-    select = check_keys(raw.get("select") or {}, f"{where} field 'select'", {"rule", "tolerance"})
-    tracking = check_keys(raw.get("tracking") or {}, f"{where} field 'tracking'", {"uri", "experiment"})
-    costs = _costs(objectives.get("cost", "density"), f"{where} objectives field 'cost'")
-    latency = check_keys(objectives.get("latency") or {}, f"{where} objectives field 'latency'", {"size", "rounds"})
-    eval_limit = _optional(data, "eval_limit", f"{where} data", int)
-    if eval_limit is not None:
-        _positive(eval_limit, f"{where} data field 'eval_limit'")
-    tolerance = _not_negative(typed(select.get("tolerance", 0.1), f"{where} select field 'tolerance'", float),
-                              f"{where} select field 'tolerance'")
+        raise ConfigError(f"{field('tasks')} is {tasks!r}, not a non-empty list of task names")
+    eval_limit = _optional(fields.get("eval_limit"), field("eval_limit"), int)
+    arch = fields.get("arch") or {}
     return SearchConfig(
-        family=typed(raw["family"], f"{where} field 'family'", str),
-        tasks=list(tasks),
-        name=typed(raw.get("name", Path(path).stem), f"{where} field 'name'", str),
-        arch=dict(check_keys(raw.get("arch") or {}, f"{where} field 'arch'", set(map(str, raw.get("arch") or {})))),
-        train_data=_optional(data, "train", f"{where} data", str),
-        eval_data=_optional(data, "eval", f"{where} data", str),
-        eval_limit=eval_limit,
-        data_cache=_optional(data, "cache", f"{where} data", str),
-        search_space=typed(raw.get("search_space", ""), f"{where} field 'search_space'", str),
-        trials_per_stage=_positive(typed(budget.get("trials_per_stage", 8), f"{where} budget field 'trials_per_stage'",
-                                         int), f"{where} budget field 'trials_per_stage'"),
-        parallel_trials=_parallel(budget.get("parallel_trials", "auto"), f"{where} budget field 'parallel_trials'"),
-        early_stopping=_early_stopping(budget.get("early_stopping"), f"{where} budget field 'early_stopping'"),
-        quality=typed(objectives.get("quality", ""), f"{where} objectives field 'quality'", str),
-        costs=costs,
-        latency_size=_not_negative(typed(latency.get("size", 0), f"{where} objectives latency field 'size'", int),
-                                   f"{where} objectives latency field 'size'"),
-        latency_rounds=_positive(typed(latency.get("rounds", 10), f"{where} objectives latency field 'rounds'", int),
-                                 f"{where} objectives latency field 'rounds'"),
-        time_trials=bool(latency),
-        rule=typed(select.get("rule", "sparsest_within"), f"{where} select field 'rule'", str),
-        tolerance=tolerance,
-        seed=typed(raw.get("seed", 0), f"{where} field 'seed'", int),
-        tracking_uri=_optional(tracking, "uri", f"{where} tracking", str),
-        experiment=typed(tracking.get("experiment", "pngrow"), f"{where} tracking field 'experiment'", str),
-        optuna_storage=_optional(raw, "optuna_storage", where, str),
-        ray=_ray_options(raw.get("ray") or {}, where),
-        workdir=typed(raw.get("workdir", "pngrow-runs"), f"{where} field 'workdir'", str),
-        init=_optional(raw, "init", where, str),
-        base_model=_optional(raw, "base_model", where, str),
+        family=value("family", str), tasks=list(tasks), name=value("name", str),
+        arch=dict(check_keys(arch, field("arch"), set(map(str, arch)) if isinstance(arch, dict) else set())),
+        train_data=_optional(fields.get("train_data"), field("train_data"), str),
+        eval_data=_optional(fields.get("eval_data"), field("eval_data"), str),
+        eval_limit=None if eval_limit is None else _positive(eval_limit, field("eval_limit")),
+        data_cache=_optional(fields.get("data_cache"), field("data_cache"), str),
+        search_space=value("search_space", str),
+        trials_per_stage=_positive(value("trials_per_stage", int), field("trials_per_stage")),
+        parallel_trials=_parallel(fields.get("parallel_trials"), field("parallel_trials")),
+        early_stopping=_early_stopping(fields.get("early_stopping"), field("early_stopping")),
+        quality=value("quality", str), costs=_costs(fields.get("costs", "density"), field("costs")),
+        latency_size=_not_negative(value("latency_size", int), field("latency_size")),
+        latency_rounds=_positive(value("latency_rounds", int), field("latency_rounds")),
+        time_trials=value("time_trials", bool), rule=value("rule", str),
+        tolerance=_not_negative(value("tolerance", float), field("tolerance")), seed=value("seed", int),
+        tracking_uri=_optional(fields.get("tracking_uri"), field("tracking_uri"), str),
+        experiment=value("experiment", str),
+        optuna_storage=_optional(fields.get("optuna_storage"), field("optuna_storage"), str),
+        ray=_ray_options(fields.get("ray") or {}, where), workdir=value("workdir", str),
+        init=_optional(fields.get("init"), field("init"), str),
+        base_model=_optional(fields.get("base_model"), field("base_model"), str), smoke_test=value("smoke_test", bool),
     )
 
 

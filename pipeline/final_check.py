@@ -8,8 +8,8 @@ from typing import Any
 from ..errors import SearchError
 from . import names
 from .plan import SearchContext
+from .records import EvaluationSpec
 from .results import StageSummary
-from .trial import EvaluationSpec, evaluate_model
 
 __all__ = ["DRIFT_TOLERANCE", "final_check"]
 
@@ -23,9 +23,11 @@ def final_check(ctx: SearchContext, stages: list[StageSummary]) -> dict[str, dic
     ``final/<task>/<metric>`` and ``drift/<task>``, with each task's fingerprint as a tag; a
     :class:`SearchError` when a task's fingerprint differs from the committed one or a metric drifted."""
     config, plan, tracking = ctx.config, ctx.plan, ctx.tracking
-    spec = EvaluationSpec(tracking.uri, stages[-1].run_id, config.eval_data, config.eval_limit,
-                          config.ray.cpus_per_trial, ctx.cluster.device, manifest=plan.manifest)
-    final: dict[str, dict[str, Any]] = ctx.cluster.result(ctx.cluster.submit(evaluate_model, spec))
+    spec = EvaluationSpec(tracking_uri=tracking.uri, run_id=stages[-1].run_id, eval_data=config.eval_data,
+                          eval_limit=config.eval_limit, threads=config.ray.cpus_per_trial, device=ctx.cluster.device,
+                          manifest=plan.manifest)
+    evaluation = ctx.cluster.submit(_evaluate_model, spec, name="evaluate_model")
+    final: dict[str, dict[str, Any]] = ctx.cluster.result(evaluation)
     committed = {**(plan.base.fingerprints if plan.base else {}), **{s.task: s.chosen.fingerprint for s in stages}}
     for task, fingerprint in committed.items():
         if final[task].pop("fingerprint") != fingerprint:
@@ -42,3 +44,10 @@ def final_check(ctx: SearchContext, stages: list[StageSummary]) -> dict[str, dic
     ctx.log("final model: " + "; ".join(f"{t} {plan.quality}={m[plan.quality]:.4g} density={m['density']:.3f}"
                                         for t, m in final.items()))
     return final
+
+
+def _evaluate_model(spec: EvaluationSpec) -> dict[str, dict[str, Any]]:
+    """:func:`.trial.evaluate_model`, imported on the worker that runs it: the driver never loads PyTorch."""
+    from .trial import evaluate_model
+
+    return evaluate_model(spec)

@@ -6,7 +6,7 @@ Searches already stored read by these names: change none of the values.
 from __future__ import annotations
 
 __all__ = ["ATTEMPTS", "CHOSEN_TRIAL_RUN", "COST", "DEVICE_WARNING", "ERROR", "FAMILY", "FINAL_STAGE_RUN",
-           "FINGERPRINT", "GROWN_FROM_MODEL", "GROWN_FROM_RUN", "KIND", "Kind", "MODEL_URI",
+           "FINGERPRINT", "GROWN_FROM_MODEL", "GROWN_FROM_RUN", "KIND", "Kind", "MODEL_URI", "ONNX",
            "OPTUNA_STUDY", "OPTUNA_TRIAL", "PREFIX", "QUALITY", "RAY_NODE", "REPORT_ERROR", "RUNG_WARNING",
            "SEARCH_ID", "SOURCE_RUN", "STAGE_INDEX", "STOPPED_EARLY", "TASK", "TASKS", "TASK_ORDER", "UPLOADED_DATA",
            "WORKER_NODE", "WORKER_PID", "fingerprint_tag", "is_pngrow_tag", "uploaded_data_tag"]
@@ -44,6 +44,7 @@ MODEL_URI = PREFIX + "model_uri"  # the logged pyfunc model
 REPORT_ERROR = PREFIX + "report_error"  # why drawing the report failed
 GROWN_FROM_MODEL = PREFIX + "grown_from_model"  # the released model the search grew (also on a base run)
 SOURCE_RUN = PREFIX + "source_run"  # the run a registered model (or a base) came from
+ONNX = PREFIX + "onnx"  # a registered version's ONNX export (``promote --onnx``): runs:/RUN/onnx/NAME/VERSION
 UPLOADED_DATA = PREFIX + "uploaded_data"  # ``uploaded_data.<split>``: the local folder uploaded as data/<split>/
 # A stage's.
 CHOSEN_TRIAL_RUN = PREFIX + "chosen_trial_run"

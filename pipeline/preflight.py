@@ -7,8 +7,9 @@ import urllib.error
 import urllib.request
 
 from ..errors import ServiceError, failure_line
-from .config import SearchConfig, redact
-from .object_store import is_s3, s3_client, split_s3
+from .config import SearchConfig
+from .object_store import s3_client
+from .uris import is_s3, redact, split_s3
 
 __all__ = ["check_artifact_store", "check_services"]
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
+from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
 from ..errors import SearchError
-from .config import redact
 from . import names
 from .names import Kind
 from .tracking import Tracking, tag_filter, using
+from .uris import redact
 
 __all__ = ["promote", "resolve_run"]
 
@@ -62,12 +65,15 @@ def _model_uri(tracking: Tracking, run: Run) -> str:
         return tracking.log_shared_model(run.info.run_id, tracking.download_checkpoint(run.info.run_id, tmp))
 
 
-def promote(tracking: Tracking, ref: str, name: str, alias: str | None = "champion") -> ModelVersion:
+def promote(tracking: Tracking, ref: str, name: str, alias: str | None = "champion",
+            onnx: bool = False) -> ModelVersion:
     """Register the shared model of ``ref`` (see :func:`resolve_run`) as a new version of ``name``; point
     ``alias`` (unless None) at it.
 
     The version's tags record its lineage: the run it came from, the search, the task order, and the model
-    version it was grown from when the search grew a released model.
+    version it was grown from when the search grew a released model. With ``onnx``, every task is exported first
+    (:func:`~pngrow.pipeline.export.export_model`, checked in ONNX Runtime; a failure registers nothing) and logged
+    on the source run under ``onnx/NAME/VERSION/<task>/``, which the version's ``pngrow.onnx`` tag names.
     """
     if alias is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", alias)
                               or re.fullmatch(r"latest|[vV][0-9]+", alias)):
@@ -85,8 +91,29 @@ def promote(tracking: Tracking, ref: str, name: str, alias: str | None = "champi
     }
     if names.GROWN_FROM_MODEL in tags:
         lineage[names.GROWN_FROM_MODEL] = tags[names.GROWN_FROM_MODEL]
-    with using(tracking.uri):
-        version = mlflow.register_model(uri, name, tags=lineage)
+    with tempfile.TemporaryDirectory(prefix="pngrow-onnx-") as tmp:
+        exported = _export(tracking, uri, Path(tmp)) if onnx else []
+        with using(tracking.uri):
+            version = mlflow.register_model(uri, name, tags=lineage)
+        if exported:
+            _attach_onnx(tracking, exported, Path(tmp), name, version.version, run.info.run_id)
     if alias is not None:
         tracking.set_alias(name, alias, version.version)
     return tracking.model_version(name, version.version)
+
+
+def _export(tracking: Tracking, uri: str, folder: Path) -> list[Any]:
+    from .export import export_model
+
+    return export_model(uri, folder, tracking_uri=tracking.uri)
+
+
+def _attach_onnx(tracking: Tracking, exported: list[Any], folder: Path, name: str, version: str, run_id: str) -> None:
+    """Each exported task, labelled as the version (its bitstreams' header names it), logged on ``run_id``."""
+    label = f"models:/{name}/{version}"
+    for task in exported:
+        manifest = json.loads((task.folder / "task.json").read_text())
+        (task.folder / "task.json").write_text(json.dumps({**manifest, "model": label}, indent=2) + "\n")
+    path = f"onnx/{name}/{version}"
+    tracking.log_folder(run_id, folder, path)
+    tracking.client.set_model_version_tag(name, version, names.ONNX, f"runs:/{run_id}/{path}")

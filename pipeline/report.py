@@ -1,5 +1,8 @@
 """Pictures of a search: which task owns and reuses which blocks, quality against cost per task, and each stage's
 Pareto front. ``pngrow report RUN`` writes them; every search logs them to its MLflow run under ``report/``.
+
+The block pictures need the final model, so :func:`build_report` imports the worker code (PyTorch) when it draws;
+importing this module does not.
 """
 
 from __future__ import annotations
@@ -7,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -17,13 +20,14 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 
-from ..workers.models import load_model  # noqa: E402
-from ..workers.png import SharedNetwork  # noqa: E402
 from . import names  # noqa: E402
 from .names import Kind  # noqa: E402
+from .records import TrialOutcome  # noqa: E402
 from .study import Candidate, pareto_front  # noqa: E402
 from .tracking import Tracking  # noqa: E402
-from .trial import TrialOutcome  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..workers.png import SharedNetwork
 
 __all__ = ["build_report", "plot_pareto", "plot_quality_cost", "plot_sharing", "sharing_image"]
 
@@ -74,12 +78,13 @@ def plot_sharing(shared: SharedNetwork, path: Path, max_layers: int = 40) -> Pat
     return path
 
 
-def plot_quality_cost(tasks: list[str], final: dict[str, dict[str, float]], family: str, path: Path,
+def plot_quality_cost(tasks: list[str], final: dict[str, dict[str, float]], rate_distortion: bool, path: Path,
                       baseline: dict[str, dict[str, float]] | None = None) -> Path:
-    """Quality per task beside its cost: an RD curve for NIC (PSNR against bpp), PSNR per scale for SISR (with
-    bicubic), and each task's density; ``baseline`` (task -> metrics of separate models) is drawn when given."""
+    """Quality per task beside its cost: with ``rate_distortion`` (a :class:`~pngrow.workers.models.Codec`'s tasks
+    are rates) an RD curve (PSNR against bpp), else PSNR per task (with bicubic, where evaluated: SISR's scales), and
+    each task's density; ``baseline`` (task -> metrics of separate models) is drawn when given."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    if family == "nic":
+    if rate_distortion:
         order = sorted(tasks, key=lambda t: final[t]["bpp"])
         left.plot([final[t]["bpp"] for t in order], [final[t]["psnr"] for t in order], "o-", label="pngrow (one model)")
         for t in order:
@@ -140,6 +145,8 @@ def plot_pareto(task: str, candidates: list[Candidate], chosen: str, maximize: b
 def build_report(tracking: Tracking, search: Run, out: Path,
                  baseline: dict[str, dict[str, float]] | None = None) -> list[Path]:
     """Write every picture of a finished search into ``out``; returns their paths."""
+    from ..workers.models import Codec, load_model
+
     out.mkdir(parents=True, exist_ok=True)
     tags = search.data.tags
     final_stage = tags.get(names.FINAL_STAGE_RUN)
@@ -154,7 +161,7 @@ def build_report(tracking: Tracking, search: Run, out: Path,
     final = {t: {k.split("/")[-1]: v for k, v in search.data.metrics.items() if k.startswith(f"final/{t}/")}
              for t in tasks}
     paths = [plot_sharing(shared, out / "sharing.png"),
-             plot_quality_cost(tasks, final, family.name, out / "quality_cost.png", baseline)]
+             plot_quality_cost(tasks, final, isinstance(family, Codec), out / "quality_cost.png", baseline)]
     for stage in tracking.children(search, Kind.STAGE):
         candidates = _candidates(tracking.children(stage, Kind.TRIAL), quality, cost)
         if candidates:
@@ -170,8 +177,8 @@ def _candidates(trials: list[Run], quality: str, cost: str) -> list[Candidate]:
     """The finished trials that recorded an outcome, as (quality, cost) candidates."""
     outcomes = [TrialOutcome.from_run(t) for t in trials if t.info.status == "FINISHED" and TrialOutcome.recorded(t)]
     numbers = {t.info.run_id: int(t.data.tags.get(names.OPTUNA_TRIAL, -1)) for t in trials}
-    return [Candidate(numbers[o.run_id], o.metrics[quality], o.cost(cost), o.run_id, o.relative_latency) for o in outcomes
-            if quality in o.metrics]
+    return [Candidate(numbers[o.run_id], o.metrics[quality], o.cost(cost), o.run_id, o.relative_latency)
+            for o in outcomes if quality in o.metrics]
 
 
 def _safe(name: str) -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .records import TrialOutcome
 from .study import Candidate
-from .trial import TrialOutcome
 
 __all__ = ["SearchResult", "StageSummary"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageSummary:
     """One stage of a search: its MLflow run, the trial chosen, how many finished, failed or were stopped early, the
     Pareto front, and when this driver's trials trained (epoch-second intervals; empty for a stage committed before
@@ -27,7 +27,7 @@ class StageSummary:
     stopped: int = 0  # trials the stage's rung stopped early
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SearchResult:
     """A finished search. ``overhead`` is the share of wall time during which no trial was training."""
 

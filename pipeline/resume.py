@@ -11,12 +11,14 @@ from mlflow.entities import Run
 
 from ..errors import ConfigError
 from . import names
-from .config import EarlyStopping, RayOptions, SearchConfig, redact
+from .config import SearchConfig, config_from_fields
+from .early_stopping import RungReport
 from .names import Kind
 from .plan import SearchContext
+from .records import TrialOutcome
 from .results import StageSummary
 from .tracking import Tracking
-from .trial import RungReport, TrialOutcome
+from .uris import redact
 
 __all__ = ["CONFIG_ARTIFACT", "Recovered", "earlier_runs", "finished_stage", "recorded_config", "recover_trials"]
 
@@ -37,15 +39,14 @@ def recorded_config(tracking: Tracking, search_id: str, optuna_storage: str | No
         raise ConfigError(f"search {search_id!r} has finished; there is nothing to resume")
     recorded = tracking.load_dict(search_id, CONFIG_ARTIFACT)
     recorded.pop("search_space_resolved", None)
-    ray = RayOptions(**{**recorded.pop("ray"), **({"address": ray_address} if ray_address else {})})
-    stopping = recorded.pop("early_stopping", None)
-    config = SearchConfig(**{**recorded, "ray": ray, "tracking_uri": tracking.uri,
-                             "early_stopping": EarlyStopping(**stopping) if stopping else None,
-                             "optuna_storage": optuna_storage or recorded["optuna_storage"]})
+    config = config_from_fields(recorded, f"{CONFIG_ARTIFACT} of search {search_id!r}")
+    config = replace(config, tracking_uri=tracking.uri, optuna_storage=optuna_storage or config.optuna_storage,
+                     experiment=tracking.experiment_name(run.info.experiment_id),
+                     ray=replace(config.ray, address=ray_address or config.ray.address))
     if "***" in (config.optuna_storage or ""):
         raise ConfigError(f"search {search_id!r} used an Optuna storage with a password, which is not recorded: "
                           "give it again with --optuna-storage")
-    return replace(config, experiment=tracking.experiment_name(run.info.experiment_id))
+    return config
 
 
 def earlier_runs(tracking: Tracking, search_id: str) -> tuple[str | None, dict[int, Run]]:
@@ -61,9 +62,10 @@ def finished_stage(tracking: Tracking, stage: Run) -> StageSummary:
     """The summary of a stage committed before the restart, from its runs."""
     trials = tracking.children(stage, Kind.TRIAL)
     chosen = tracking.run(stage.data.tags[names.CHOSEN_TRIAL_RUN])
-    return StageSummary(stage.data.tags[names.TASK], stage.info.run_id, stage.data.tags[names.OPTUNA_STUDY],
-                        TrialOutcome.from_run(chosen), sum(t.info.status == "FINISHED" for t in trials),
-                        sum(t.info.status == "FAILED" for t in trials),
+    return StageSummary(task=stage.data.tags[names.TASK], run_id=stage.info.run_id,
+                        study=stage.data.tags[names.OPTUNA_STUDY], chosen=TrialOutcome.from_run(chosen),
+                        finished=sum(t.info.status == "FINISHED" for t in trials),
+                        failed=sum(t.info.status == "FAILED" for t in trials),
                         stopped=sum(t.info.status == "KILLED" and names.STOPPED_EARLY in t.data.tags for t in trials))
 
 

@@ -1,7 +1,9 @@
-"""One stage of a search: its task's Optuna study, whose trials run on Ray workers a few at a time, then the choice
-of one finished trial, whose checkpoint the stage's run keeps for the next stage to grow from.
+"""One stage of a search (the driver's unit of work for one task): its Optuna study asks for trials, which run on
+Ray workers a few at a time, then one finished trial is chosen, whose checkpoint the stage's run keeps for the next
+stage to grow from.
 
-:func:`run_study` is the entry point; a trial itself is :func:`pngrow.pipeline.trial.run_trial` on a worker.
+:func:`run_stage` is the entry point; a trial itself is :func:`pngrow.pipeline.trial.run_trial` on a worker, which
+trains the task (:func:`pngrow.workers.training.train_task`).
 """
 
 from __future__ import annotations
@@ -15,21 +17,21 @@ import optuna
 from .._progress import progress_bar
 from ..errors import SearchError, ServiceError, failure_line
 from . import names
-from .early_stopping import Rung
+from .early_stopping import RungReport, TrialStopped, start_rung
 from .names import Kind
 from .plan import SearchContext
+from .records import TrialOutcome, TrialSpec
 from .results import StageSummary
 from .resume import Recovered, recover_trials
 from .study import Candidate, distributions, open_study, pareto_front, retrying, select
-from .trial import RungReport, TrialOutcome, TrialSpec, TrialStopped, run_trial
 
-__all__ = ["run_study"]
+__all__ = ["run_stage"]
 
 
-def run_study(ctx: SearchContext, index: int, parent: str | None, resumed_run: str | None = None) -> StageSummary:
-    """Run the study of task ``index`` (every trial grows from ``parent``'s checkpoint; None: from scratch), choose a
-    trial and commit it to the stage's run. ``resumed_run``: the stage run a dead driver left, whose finished
-    trials are kept."""
+def run_stage(ctx: SearchContext, index: int, parent: str | None, resumed_run: str | None = None) -> StageSummary:
+    """Run the stage of task ``index``: its study's trials (each grows from ``parent``'s checkpoint; None: from
+    scratch), then choose a trial and commit it to the stage's run. ``resumed_run``: the stage run a dead driver
+    left, whose finished trials are kept."""
     task = ctx.plan.family.tasks[index]
     study_name = f"pngrow-{ctx.search_id}-{index}-{task}"
     study = retrying(lambda: open_study(ctx.config.resolved_optuna_storage(), study_name, ctx.plan.quality,
@@ -48,9 +50,10 @@ def run_study(ctx: SearchContext, index: int, parent: str | None, resumed_run: s
         recovered = recover_trials(ctx, study, stage_run)
         ctx.log(f"[{task}] resuming the stage: {len(recovered.outcomes)} trials finished before the restart are "
                 f"kept, {recovered.stopped} were stopped early, {recovered.failed} failed")
-    rung = _start_rung(ctx, recovered.rung_values)
+    rung = start_rung(ctx.cluster, ctx.plan.quality, ctx.plan.maximize, ctx.config.early_stopping,
+                      recovered.rung_values)
     try:
-        summary = _StudyRun(ctx, study, stage_run, index, parent, lineage, recovered, rung).run()
+        summary = _StageRun(ctx, study, stage_run, index, parent, lineage, recovered, rung).run()
     except BaseException:
         ctx.tracking.end_run(stage_run, "FAILED")
         raise
@@ -61,13 +64,11 @@ def run_study(ctx: SearchContext, index: int, parent: str | None, resumed_run: s
     return summary
 
 
-def _start_rung(ctx: SearchContext, values: dict[str, float]) -> Any:
-    """The stage's rung, a Ray actor every trial asks when its growing ends, holding ``values`` (what its trials
-    reported there before a restart); None when early stopping is off."""
-    options = ctx.config.early_stopping
-    if options is None:
-        return None
-    return ctx.cluster.actor(Rung, ctx.plan.quality, ctx.plan.maximize, options, values)
+def _run_trial(spec: TrialSpec) -> TrialOutcome:
+    """:func:`.trial.run_trial`, imported on the worker that runs it: the driver never loads PyTorch."""
+    from .trial import run_trial
+
+    return run_trial(spec)
 
 
 def _commit(ctx: SearchContext, summary: StageSummary) -> None:
@@ -86,9 +87,9 @@ def _commit(ctx: SearchContext, summary: StageSummary) -> None:
             f"{chosen.metrics[ctx.plan.quality]:.4g} {ctx.config.cost}={chosen.cost(ctx.config.cost):.4g}")
 
 
-class _StudyRun:
-    """A stage's study while its trials run: the ones in flight, the finished outcomes, the failures, the trials
-    its rung (a Ray actor, None without early stopping) stopped."""
+class _StageRun:
+    """A stage while its trials run: its Optuna study, the trials in flight, the finished outcomes, the failures,
+    the trials its rung (a Ray actor, None without early stopping) stopped."""
 
     def __init__(self, ctx: SearchContext, study: optuna.Study, stage_run: str, index: int, parent: str | None,
                  lineage: dict[str, Any], recovered: Recovered, rung: Any = None) -> None:
@@ -129,12 +130,15 @@ class _StudyRun:
                                         {names.KIND: Kind.TRIAL, **self.lineage, names.OPTUNA_TRIAL: trial.number},
                                         parent=self.stage_run)
         self._retrying(lambda: trial.set_user_attr("mlflow_run_id", run_id))
-        spec = TrialSpec(ctx.tracking.uri, run_id, family.name, family.tasks, family.arch, self.task, self.parent,
-                         settings, config.train_data, config.eval_data, config.eval_limit,
-                         config.init if self.parent is None else None, config.ray.cpus_per_trial, ctx.cluster.device,
-                         config.latency_rounds if config.measures_latency else 0, config.latency_size or None,
-                         device_setting=config.ray.device, rung=self.rung, manifest=ctx.plan.manifest)
-        self.pending[ctx.cluster.submit(run_trial, spec)] = (trial, run_id)
+        spec = TrialSpec(tracking_uri=ctx.tracking.uri, run_id=run_id, family=family.name, tasks=family.tasks,
+                         arch=family.arch, task=self.task, parent_run=self.parent, settings=settings,
+                         train_data=config.train_data, eval_data=config.eval_data, eval_limit=config.eval_limit,
+                         init=config.init if self.parent is None else None, threads=config.ray.cpus_per_trial,
+                         device=ctx.cluster.device,
+                         latency_rounds=config.latency_rounds if config.measures_latency else 0,
+                         latency_size=config.latency_size or None, device_setting=config.ray.device, rung=self.rung,
+                         manifest=ctx.plan.manifest)
+        self.pending[ctx.cluster.submit(_run_trial, spec, name="run_trial")] = (trial, run_id)
 
     def _collect(self, ref: Any) -> None:
         """Tell the study how a trial that came back did, and end its run."""
@@ -205,9 +209,10 @@ class _StudyRun:
         except ValueError as exc:
             raise SearchError(f"stage {self.index + 1} ({self.task}): {exc}; every trial failed, the last with "
                               f"{self.last_error}") from None
-        return StageSummary(self.task, self.stage_run, self.study.study_name, self.outcomes[chosen.number],
-                            len(self.outcomes), self.failed, pareto_front(candidates, plan.maximize), self.intervals,
-                            self.stopped)
+        return StageSummary(task=self.task, run_id=self.stage_run, study=self.study.study_name,
+                            chosen=self.outcomes[chosen.number], finished=len(self.outcomes), failed=self.failed,
+                            front=pareto_front(candidates, plan.maximize), train_intervals=self.intervals,
+                            stopped=self.stopped)
 
 
 def _describe(params: dict[str, Any]) -> str:

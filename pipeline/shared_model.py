@@ -63,16 +63,21 @@ class RequestError(MlflowException, ValueError):
 
 
 def signature(family: str) -> mlflow.models.ModelSignature:
-    """The pyfunc signature of a ``family`` ("sisr" or "nic") model: the columns above."""
+    """The pyfunc signature of a model of the family named ``family``: the columns above, the bitstream's where the
+    family is a :class:`~pngrow.workers.models.Codec`, the scale's where it is an
+    :class:`~pngrow.workers.models.Upscaler`."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
+    from pngrow.workers.models import Codec, Upscaler, get_family
+
+    built = get_family(family)
     inputs = [ColSpec("string", "task", required=False), ColSpec("string", "image", required=False)]
     outputs = [ColSpec("string", "task"), ColSpec("string", "image")]
-    if family == "nic":
+    if isinstance(built, Codec):
         inputs.append(ColSpec("string", "bitstream", required=False))
         outputs += [ColSpec("long", "bytes"), ColSpec("double", "bpp"), ColSpec("string", "bitstream", required=False)]
-    else:
+    if isinstance(built, Upscaler):
         outputs.append(ColSpec("long", "scale"))
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import optuna
 
-from ..errors import ServiceError, failure_line
+from ..errors import ConfigError, ServiceError, failure_line
 from ..search_spaces import SearchSpace
 
 __all__ = ["RULES", "Candidate", "distributions", "open_study", "pareto_front", "register_rule", "retrying", "select"]
@@ -18,15 +19,31 @@ __all__ = ["RULES", "Candidate", "distributions", "open_study", "pareto_front", 
 T = TypeVar("T")
 # Waits between attempts at an Optuna storage call: about a minute in all before the search gives up.
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+MAX_RETRIES_VARIABLE = "PNGROW_OPTUNA_MAX_RETRIES"  # keeps only the first N waits (as MLflow's and boto3's own)
 
 
-def retrying(call: Callable[[], T], storage: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
-    """``call()``, retried with backoff while the Optuna database is unreachable; then a :class:`ServiceError`
-    naming ``storage`` (redact it first), so that the search fails cleanly and can be resumed."""
+def retry_delays(environ: Mapping[str, str] = os.environ) -> tuple[float, ...]:
+    """The waits before each retry: :data:`RETRY_DELAYS`, only their first ``PNGROW_OPTUNA_MAX_RETRIES`` if set.
+
+    >>> retry_delays({}), retry_delays({"PNGROW_OPTUNA_MAX_RETRIES": "2"})
+    ((1.0, 2.0, 4.0, 8.0, 16.0, 30.0), (1.0, 2.0))
+    """
+    value = environ.get(MAX_RETRIES_VARIABLE)
+    if value is None:
+        return RETRY_DELAYS
+    if not value.isdigit():
+        raise ConfigError(f"{MAX_RETRIES_VARIABLE}={value!r} is not a number of retries (0 or more)")
+    return RETRY_DELAYS[: int(value)]
+
+
+def retrying(call: Callable[[], T], storage: str, delays: tuple[float, ...] | None = None) -> T:
+    """``call()``, retried with backoff (``delays``, else :func:`retry_delays`) while the Optuna database is
+    unreachable; then a :class:`ServiceError` naming ``storage`` (redact it first), so that the search fails cleanly
+    and can be resumed."""
     import sqlalchemy.exc
 
     lost = (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError)
-    for delay in delays:
+    for delay in retry_delays() if delays is None else delays:
         try:
             return call()
         except lost:
@@ -135,7 +152,8 @@ def distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDist
         if p.kind == "categorical":
             result[name] = optuna.distributions.CategoricalDistribution(list(p.choices))
         elif p.kind == "int":
-            result[name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
+            result[name] = optuna.distributions.IntDistribution(
+                int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
         else:
             result[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)  # type: ignore[arg-type]
     return result

@@ -29,7 +29,7 @@ from mlflow.utils.time import get_current_time_millis
 
 from ..errors import ServiceError, failure_line
 from . import names
-from .config import redact
+from .uris import is_run_artifact, redact, split_run_artifact
 
 __all__ = ["AnsweringClient", "Tracking", "metric_key", "tag_filter", "unreachable", "using"]
 
@@ -161,7 +161,8 @@ class Tracking:
 
     def __init__(self, uri: str, experiment: str | None = None, artifact_root: str | None = None) -> None:
         self.uri = uri
-        self.client: MlflowClient = AnsweringClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)  # type: ignore[assignment]
+        answering = AnsweringClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+        self.client: MlflowClient = answering  # type: ignore[assignment]
         self.experiment_id = self._experiment(experiment, artifact_root) if experiment else None
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:
@@ -232,7 +233,7 @@ class Tracking:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        if source is None or source.startswith("runs:/"):  # MLflow has no dataset source type for these: named
+        if source is None or is_run_artifact(source):  # MLflow has no dataset source type for these: named
             origin = CodeDatasetSource({"mlflow.source.name": source or "skimage.data"})
         else:
             origin = resolve_dataset_source(source if "://" in source else Path(source).resolve().as_uri())
@@ -276,9 +277,7 @@ class Tracking:
 
     def download_artifact(self, uri: str, dest: str | Path) -> Path:
         """The artifact ``runs:/RUN_ID/PATH`` (as :meth:`log_file` returns), downloaded into ``dest``."""
-        run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        if not uri.startswith("runs:/") or not run_id or not path:
-            raise ValueError(f"artifact URI {uri!r} is not runs:/RUN_ID/PATH")
+        run_id, path = split_run_artifact(uri)
         Path(dest).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dest)))
 

@@ -1,13 +1,16 @@
-"""Progress bars on long work, drawn only when standard error is a terminal (quiet in logs and CI)."""
+"""How long work tells of its progress: log lines (a :data:`Log` the caller passes in) and progress bars, drawn only
+when standard error is a terminal (quiet in logs and CI)."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
-__all__ = ["progress_bar"]
+__all__ = ["Log", "progress_bar"]
+
+Log = Callable[[str], None]  # where a job, a search or a command writes its progress lines (``print``, a logger)
 
 
 def progress_bar(total: int, unit: str, description: str = "", enabled: bool = True, file: Any = None,

@@ -1,12 +1,14 @@
-"""Checks for YAML mappings that name the bad field and value in one line."""
+"""Checks for YAML mappings and folders that name the bad field, value or path in one line."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "check_keys", "typed"]
+__all__ = ["ConfigError", "check_keys", "typed", "writable_folder"]
 
 
 def check_keys(mapping: Any, where: str, allowed: set[str], required: set[str] = frozenset()) -> Mapping[str, Any]:
@@ -47,3 +49,20 @@ def typed(value: Any, field: str, kind: type | tuple[type, ...]) -> Any:
         names = " or ".join(k.__name__ for k in kinds)
         raise ConfigError(f"{field} is {value!r}, not {names}")
     return value
+
+
+def writable_folder(path: str | Path, what: str) -> Path:
+    """``path``, created if missing, once a file could be made in it; else a ``ValueError`` naming it as ``what``.
+
+    >>> writable_folder("/dev/null/pngrow", "output folder")
+    Traceback (most recent call last):
+    ...
+    ValueError: output folder '/dev/null/pngrow' cannot be written: Not a directory
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {exc.strerror or exc}") from None
+    return folder

@@ -1,4 +1,4 @@
-"""A search space: which :class:`~pngrow.workers.training.StageSettings` a search varies, over which ranges."""
+"""A search space: which :class:`~pngrow.workers.settings.TaskSettings` a search varies, over which ranges."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Any, Mapping
 import yaml
 
 from .._validation import ConfigError, check_keys, typed
-from ..workers.training import StageSettings
+from ..workers.settings import TaskSettings
 
 __all__ = ["Parameter", "SearchSpace", "available_spaces", "load_search_space"]
 
 _HERE = Path(__file__).parent
-# Every StageSettings field but the seed, which the search sets per stage.
-SETTING_NAMES = tuple(f.name for f in fields(StageSettings) if f.name != "seed")
+# Every TaskSettings field but the seed, which the search sets per stage.
+SETTING_NAMES = tuple(f.name for f in fields(TaskSettings) if f.name != "seed")
 # Numeric settings: their values may be written as text (PyYAML reads 1.0e30, with no exponent sign, as a string).
-_NUMERIC = {f.name: str(f.type) for f in fields(StageSettings) if str(f.type) in ("int", "float")}
+_NUMERIC = {f.name: str(f.type) for f in fields(TaskSettings) if str(f.type) in ("int", "float")}
 _KINDS = ("float", "int", "categorical")
 # A smoke test's training: a few steps of each phase, on small batches (see SearchSpace.smoke).
 SMOKE_SETTINGS = {"grow_steps": 4, "prune_steps": 2, "finetune_steps": 2, "batch_size": 2}
@@ -127,12 +127,12 @@ class SearchSpace:
         """Every parameter at its default: the first trial a search runs."""
         return {name: p.default for name, p in self.parameters.items()}
 
-    def settings(self, params: Mapping[str, Any], seed: int) -> StageSettings:
-        """The stage settings of one trial: ``params`` (defaults for the missing ones) over the fixed settings."""
+    def settings(self, params: Mapping[str, Any], seed: int) -> TaskSettings:
+        """The task settings of one trial: ``params`` (defaults for the missing ones) over the fixed settings."""
         unknown = sorted(set(params) - set(self.parameters))
         if unknown:
             raise ConfigError(f"search space {self.name!r}: trial parameter {unknown[0]!r} is not in the space")
-        return StageSettings(**{**self.fixed, **self.defaults(), **params, "seed": seed})
+        return TaskSettings(**{**self.fixed, **self.defaults(), **params, "seed": seed})
 
 
 def available_spaces() -> list[str]:

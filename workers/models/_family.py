@@ -6,9 +6,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..bitstream import LatentIndexes
 from ..data import ImageSet
 from ..png import CheckpointError, SharedNetwork, load_shared, read_description, save_shared
 
@@ -166,9 +168,17 @@ class Codec(ABC):
         """Entropy-code a (1, 3, H, W) image in [0, 1] at ``task``'s rate: CompressAI's ``strings`` and ``shape``."""
 
     @abstractmethod
-    def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any],
-                   size: tuple[int, int]) -> torch.Tensor:
-        """The (1, 3, H, W) image of ``coded`` (what :meth:`compress` returned), cropped to ``size`` (H, W)."""
+    def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any], size: tuple[int, int],
+                   indexes: np.ndarray | None = None) -> torch.Tensor:
+        """The (1, 3, H, W) image of ``coded`` (what :meth:`compress` returned), cropped to ``size`` (H, W); its
+        latent decoded with ``indexes`` where given (the bitstream's decoder passes the encoder's pinned ones, see
+        :func:`~pngrow.workers.bitstream.decoding_indexes`), else with those it derives itself."""
+
+    @abstractmethod
+    def coding_indexes(self, shared: SharedNetwork, task: str, coded: dict[str, Any]) -> LatentIndexes:
+        """The scales :meth:`decompress` computes from ``coded``'s hyper-latent, the scale table's boundaries and the
+        latent's entropy-coding (CDF) indexes derived from them; an encoder's are the ones it coded with. Another
+        runtime's rounding may move a scale across a boundary (CompressAI issue 309): the bitstream pins those."""
 
     @abstractmethod
     def rd_lambda(self, task: str) -> float:

@@ -112,16 +112,25 @@ class CompactLayer(nn.Module):
             return self.in_channels
         return len(torch.unique(torch.cat(cols)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output on ``x``: computed parts, the bias elsewhere."""
-        dim = x.dim() - 1 if self.spatial == 0 else x.dim() - self.spatial - 1
+    def channel_dim(self, x: torch.Tensor) -> int:
+        """The dimension of ``x`` that holds the channels (a Linear layer's: the features)."""
+        return x.dim() - 1 if self.spatial == 0 else x.dim() - self.spatial - 1
+
+    def computed(self, x: torch.Tensor) -> torch.Tensor:
+        """The computed output channels alone, in the order of :attr:`rows` (every channel when it is None)."""
+        dim = self.channel_dim(x)
         outs = []
         for index, part in enumerate(self.parts):
             cols = getattr(self, f"cols{index}")
             outs.append(part(x if cols is None else x.index_select(dim, cols)))
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output on ``x``: computed parts, the bias elsewhere."""
+        y = self.computed(x)
         if self.rows is None:
             return y
+        dim = self.channel_dim(x)
         shape = list(y.shape)
         shape[dim] = self.out_channels
         if self.fill is None:
