@@ -1,12 +1,12 @@
-"""Training and evaluation images fetched once per node and decoded once per process.
+"""Training and evaluation images fetched and decoded once per node.
 
 An ``s3://`` folder's objects are kept in a node-local cache folder (the config's ``data: {cache: ...}``, else
 ``$PNGROW_CACHE``, else ``~/.cache/pngrow``) under their ETag and size, so an unchanged object is downloaded once per
-node, across trials and searches. A download goes to a temporary name, renamed when complete, under a file lock, so
-the workers of one node racing for an object fetch it once. The driver lists every ``s3://`` source once
-(:func:`list_sources`); a worker lists again and refuses, in one line, an object whose ETag is no longer the listed
-one. A process keeps the last :data:`MEMO_SIZE` image sets it decoded (:func:`load_images`), so a Ray worker that
-runs several trials decodes its data once.
+node, across trials and searches; a folder's objects are downloaded in parallel. A download goes to a temporary
+name, renamed when complete, under a file lock, so the workers of one node racing for an object fetch it once. The
+driver lists every ``s3://`` source once (:func:`list_sources`); a worker lists again and refuses, in one line, an
+object whose ETag is no longer the listed one. Every folder's images are then decoded once per node into the same
+cache, and each process maps them (:func:`load_images`, :mod:`pngrow.workers.decoded`).
 
 A local folder that workers on other machines cannot read is uploaded once by the driver (:func:`upload_folder`) as
 the search run's artifacts ``data/<split>/<content digest>``; a worker fetches that ``runs:/`` copy into the same
@@ -15,31 +15,29 @@ cache, under its digest (:func:`fetch_upload`), so once per node, and checks it 
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
-from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from ..workers.data import ImageSet, data_files, default_images, load_folder
-from .object_store import changed, download, is_s3, list_folder, object_info
+from ..workers.decoded import cache_folder, data_files, made_once
+from .object_store import changed, download, list_folder, object_info
+from .uris import is_remote, is_s3
 
 if TYPE_CHECKING:
+    from ..workers.data import ImageSet
     from .tracking import Tracking
 
-__all__ = ["MEMO_SIZE", "Manifest", "cache_folder", "fetch_file", "fetch_folder", "fetch_upload", "is_remote",
+__all__ = ["DOWNLOADS", "Manifest", "fetch_file", "fetch_folder", "fetch_upload",
            "list_sources", "load_images", "upload_folder"]
 
 Listing = dict[str, tuple[str, int]]  # an s3:// folder's objects: name -> (ETag, size)
-MEMO_SIZE = 2  # decoded image sets a process keeps: a search's training and evaluation sets
-_decoded: OrderedDict[tuple[str, str], ImageSet] = OrderedDict()
+DOWNLOADS = 16  # objects of a folder downloaded at once
 _UPLOADED = re.compile(r"runs:/[^/]+/data/[^/]+/([0-9a-f]{20})")  # a folder upload_folder uploaded
 
 
@@ -64,51 +62,6 @@ def list_sources(folders: Iterable[str | None], files: Iterable[str | None] = ()
                     {f: object_info(f) for f in files if f and is_s3(f)}, cache)
 
 
-def is_remote(uri: str | None) -> bool:
-    """Whether ``uri`` names an ``s3://`` object or a ``runs:/`` artifact, not a file on this machine.
-
-    >>> [is_remote(u) for u in ("s3://b/w.safetensors", "runs:/abc/init/w.safetensors", "w.safetensors", None)]
-    [True, True, False, False]
-    """
-    return is_s3(uri) or str(uri).startswith("runs:/")
-
-
-def cache_folder(configured: str | None = None) -> Path:
-    """This node's cache folder, created: ``configured``, else ``$PNGROW_CACHE``, else ``~/.cache/pngrow``.
-
-    >>> cache_folder("/dev/null/pngrow")
-    Traceback (most recent call last):
-    ...
-    ValueError: cache folder '/dev/null/pngrow' is not writable: Not a directory
-    """
-    folder = Path(os.path.expanduser(configured or os.environ.get("PNGROW_CACHE") or "~/.cache/pngrow")).absolute()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cache folder {str(folder)!r} is not writable: {exc.strerror or exc}") from None
-    return folder
-
-
-def _once(path: Path, make: Callable[[Path], Path]) -> Path:
-    """``path`` in the cache (a file or a folder), made unless there already: ``make(scratch)`` builds it in an empty
-    scratch folder beside it and returns it, and it is renamed into place, under a file lock, so that the workers of
-    one node racing for it make it once."""
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not path.exists():  # another worker of this node may have made it while we waited
-            scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-            try:
-                os.replace(make(scratch), path)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-    return path
-
-
 def _cached(uri: str, etag: str, size: int, cache: Path) -> Path:
     """The object ``uri`` in the cache under its ETag and size, downloaded unless the cache holds it already."""
 
@@ -116,7 +69,7 @@ def _cached(uri: str, etag: str, size: int, cache: Path) -> Path:
         download(uri, scratch / "object", etag)
         return scratch / "object"
 
-    return _once(cache / "objects" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', etag)}-{size}", fetch)
+    return made_once(cache / "objects" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', etag)}-{size}", fetch)
 
 
 def _digest(value: object) -> str:
@@ -145,11 +98,15 @@ def fetch_folder(uri: str, manifest: Manifest | None = None) -> Path:
         shutil.rmtree(folder, ignore_errors=True)  # links to objects removed from the cache: built again
 
     def link(scratch: Path) -> Path:
-        for name, (etag, size) in listed.items():
+        def fetch(item: tuple[str, tuple[str, int]]) -> None:
+            name, (etag, size) = item
             (scratch / name).symlink_to(_cached(f"{base}/{name}", etag, size, cache))
+
+        with ThreadPoolExecutor(DOWNLOADS) as pool:
+            list(pool.map(fetch, listed.items()))
         return scratch
 
-    return _once(folder, link)
+    return made_once(folder, link)
 
 
 def fetch_file(uri: str, manifest: Manifest | None = None) -> Path:
@@ -174,7 +131,7 @@ def _content_digest(folder: Path) -> str:
 
 
 def upload_folder(folder: str, tracking: Tracking, run_id: str, split: str) -> str:
-    """Upload the files a local image ``folder`` holds for pngrow (:func:`~pngrow.workers.data.data_files`: a paired
+    """Upload the files a local image ``folder`` holds for pngrow (:func:`~pngrow.workers.decoded.data_files`: a paired
     SR folder keeps its ``HR/`` and ``LR_bicubic/X<s>/``) as the run's artifacts ``data/<split>/<content digest>``;
     returns their ``runs:/`` URI, which :func:`load_images` reads on any node."""
     root = Path(folder)
@@ -203,41 +160,27 @@ def fetch_upload(uri: str, tracking: Tracking, manifest: Manifest | None = None)
             raise ValueError(f"artifact {uri!r} does not hold the data the driver uploaded: content digest {found}")
         return folder
 
-    return _once(cache_folder(manifest.cache if manifest else None) / "uploads" / digest, fetch)
-
-
-def _stat_digest(folder: str) -> str:
-    """A short hash of the names, sizes and modification times of every file under ``folder``."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    return _digest([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return made_once(cache_folder(manifest.cache if manifest else None) / "uploads" / digest, fetch)
 
 
 def load_images(source: str | None, split: str, manifest: Manifest | None = None,
                 tracking: Tracking | None = None) -> ImageSet:
-    """Images from a folder, an ``s3://`` prefix or a ``runs:/`` folder the driver uploaded (through the node's cache;
-    the latter from ``tracking``) or scikit-image's photos (None), decoded once per process: the same source with the
-    same content gives the same :class:`ImageSet` object.
+    """Images from a folder, an ``s3://`` prefix or a ``runs:/`` folder the driver uploaded (fetched through the
+    node's cache; the latter from ``tracking``), decoded once per node into that cache and mapped (see
+    :func:`~pngrow.workers.data.load_folder`), or scikit-image's photos (None).
 
     >>> load_images(None, "eval") is load_images(None, "eval")
     True
     """
-    load: Callable[[], ImageSet]
+    from ..workers.data import default_images, load_folder  # PyTorch: a worker's
+
     if source is None:
-        key, load = (f"skimage.data ({split})", ""), lambda: default_images(split)
+        return default_images(split)
+    folder = Path(source)
+    if is_s3(source):
+        folder = fetch_folder(source, manifest)
     elif is_remote(source):
-        if is_s3(source):
-            folder = fetch_folder(source, manifest)
-        elif tracking is not None:
-            folder = fetch_upload(source, tracking, manifest)
-        else:
+        if tracking is None:
             raise ValueError(f"data {source!r} is an MLflow artifact: reading it needs the tracking server")
-        key, load = (source, folder.name), lambda: dataclasses.replace(load_folder(folder), source=source)
-    else:
-        key, load = (source, _stat_digest(source)), lambda: load_folder(source)
-    images = _decoded.pop(key, None)
-    if images is None:
-        images = load()
-    _decoded[key] = images
-    while len(_decoded) > MEMO_SIZE:
-        _decoded.popitem(last=False)
-    return images
+        folder = fetch_upload(source, tracking, manifest)
+    return load_folder(folder, manifest.cache if manifest else None, source)

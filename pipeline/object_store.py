@@ -11,29 +11,12 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["bytes_fetched", "changed", "download", "is_s3", "list_folder", "object_info", "s3_client", "split_s3"]
+from .uris import split_s3
+
+__all__ = ["bytes_fetched", "changed", "download", "list_folder", "object_info", "s3_client"]
 
 _fetched = 0  # bytes of object content downloaded by this process (bytes_fetched)
-
-
-def is_s3(uri: str | None) -> bool:
-    return bool(uri) and str(uri).startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` as (bucket, ``some/prefix/``).
-
-    >>> split_s3("s3://data/div2k/train")
-    ('data', 'div2k/train/')
-    >>> split_s3("s3://")
-    Traceback (most recent call last):
-    ...
-    ValueError: S3 URI 's3://' names no bucket
-    """
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise ValueError(f"S3 URI {uri!r} names no bucket")
-    return bucket, (prefix.rstrip("/") + "/") if prefix else ""
+LIST_PAGE = 1000  # objects per listing request (S3's most); a folder of more is listed page after page
 
 
 def s3_client():  # noqa: ANN201 - boto3 clients have no importable type
@@ -70,7 +53,9 @@ def list_folder(uri: str) -> dict[str, tuple[str, int]]:
     bucket, prefix = split_s3(uri)
     found: dict[str, tuple[str, int]] = {}
     try:
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/",
+                                                                      PaginationConfig={"PageSize": LIST_PAGE})
+        for page in pages:
             for item in page.get("Contents", []):
                 name = item["Key"][len(prefix):]
                 if name:

@@ -1,30 +1,31 @@
 """A search's plan: its config checked against the family, search space, objectives, rule and data before any
 service starts (:func:`prepare`), and the context every part of a running search shares (:class:`SearchContext`).
+
+Checking a config builds the family's model, so :func:`prepare` imports the worker code (PyTorch) when a search
+starts; importing the driver's modules does not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from .._progress import Log
 from ..errors import ConfigError
 from ..search_spaces import SearchSpace, load_search_space
-from ..workers.data import check_folder
-from ..workers.models import Family, get_family
-from ..workers.png import parse_block_shape
-from .config import SearchConfig, redact
-from .data_cache import Manifest, cache_folder, is_remote
-from .object_store import is_s3
+from ..workers.decoded import cache_folder
+from .config import SearchConfig
 from .study import RULES
+from .uris import is_remote, is_s3, parse_model_uri, redact
 
 if TYPE_CHECKING:
+    from ..workers.models import Family
     from .cluster import Cluster
+    from .data_cache import Manifest
     from .tracking import Tracking
 
-__all__ = ["Base", "Log", "Plan", "SearchContext", "prepare"]
-
-Log = Callable[[str], None]
+__all__ = ["Base", "Plan", "SearchContext", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> Plan:
 
     With ``config.base_model``, the base is fetched into ``scratch`` and the family covers its tasks too.
     """
+    from ..workers.models import get_family
+
     family = get_family(config.family, config.tasks, **config.arch)
     base = None
     if config.base_model:
@@ -115,8 +118,10 @@ def prepare(config: SearchConfig, scratch: Path | None = None) -> Plan:
 
 
 def _check_files(config: SearchConfig) -> None:
-    """The local data folders hold readable images, local init weights exist, and the cache folder that ``s3://``
-    data goes through is writable on this node."""
+    """The local data folders hold readable images, local init weights exist, and the cache folder that data folders
+    are decoded into (and ``s3://`` objects downloaded to) is writable on this node."""
+    from ..workers.data import check_folder
+
     for name, source in (("train", config.train_data), ("eval", config.eval_data)):
         if source and "://" not in source and not is_remote(source):  # runs:/: uploaded by the driver (resumed)
             try:
@@ -125,7 +130,7 @@ def _check_files(config: SearchConfig) -> None:
                 raise ConfigError(f"data {name}: {exc}") from None
     if config.init and not is_remote(config.init) and not Path(config.init).is_file():
         raise ConfigError(f"init weights {config.init!r} do not exist")
-    if config.data_cache or any(is_s3(s) for s in (config.train_data, config.eval_data, config.init)):
+    if config.data_cache or config.train_data or config.eval_data or is_s3(config.init):
         try:
             cache_folder(config.data_cache)
         except ValueError as exc:
@@ -134,7 +139,7 @@ def _check_files(config: SearchConfig) -> None:
 
 def _resolve_base(config: SearchConfig, scratch: Path) -> tuple[Base, Family]:
     """The base model fetched into ``scratch``, and the family of its tasks followed by the config's."""
-    from ..workers.models import load_model
+    from ..workers.models import get_family, load_model
     from .api import resolve_checkpoint
     from .tracking import Tracking
 
@@ -145,10 +150,9 @@ def _resolve_base(config: SearchConfig, scratch: Path) -> tuple[Base, Family]:
     clash = sorted(set(config.tasks) & set(shared.task_names))
     if clash:
         raise ConfigError(f"task {clash[0]!r} is already in base model {config.base_model!r}")
-    source_run = ""
-    if label.startswith("models:/"):
-        name, _, version = label.removeprefix("models:/").partition("/")
-        source_run = Tracking(config.resolved_tracking_uri()).model_version(name, version).run_id or ""
+    source_run, model = "", parse_model_uri(label)
+    if model is not None and model.version:
+        source_run = Tracking(config.resolved_tracking_uri()).model_version(model.name, model.version).run_id or ""
     family = get_family(base_family.name, shared.task_names + config.tasks, **base_family.arch)
     return Base(folder, label, {t: shared.fingerprint(t) for t in shared.task_names}, source_run), family
 
@@ -164,6 +168,8 @@ def _check_paired(family: Family, space: SearchSpace) -> None:
 def _check_block_shapes(family: Family, space: SearchSpace) -> None:
     """Every block shape the space can pick splits some shared layer into at least 2 blocks, so pruning can free one.
     A layer that one block covers (an RGB output layer under rows of 8 channels, say) is kept whole."""
+    from ..workers.png import parse_block_shape
+
     if "block_shape" in space.parameters:
         shapes = list(space.parameters["block_shape"].choices)
     else:

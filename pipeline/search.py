@@ -5,9 +5,11 @@ Stage t's trials all grow from the checkpoint that stage t-1 selected (logged on
 rule picks one finished trial per stage from quality and cost (see :mod:`pngrow.pipeline.study`).
 
 ``pngrow search CONFIG`` reads the config (:mod:`.config`), checks it (:func:`.plan.prepare`), then :func:`run_search`
-drives the search: for each task :func:`.scheduler.run_study` runs the stage's study, whose trials are
-:func:`.trial.run_trial` on workers (one task grown by :func:`pngrow.workers.training.run_stage`, the PnG core);
-:func:`.final_check.final_check` checks the final model. ``pngrow resume`` recovers a dead search (:mod:`.resume`).
+drives the search: for each task :func:`.scheduler.run_stage` runs the stage, whose Optuna study
+(:mod:`.study`) asks for trials; each trial is :func:`.trial.run_trial` on a worker, which trains the task
+(:func:`pngrow.workers.training.train_task`, the PnG core). Driver and workers hand each other the plain records of
+:mod:`.records`: the driver's modules import no PyTorch. :func:`.final_check.final_check` checks the final model.
+``pngrow resume`` recovers a dead search (:mod:`.resume`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from pathlib import Path
 
 import ray
 
+from .._progress import Log
 from ..errors import ServiceError, failure_line
 from . import names
 from .cluster import Cluster, RayTarget, probe, ray_target
-from .config import SearchConfig, flat_params, public_config, redact
-from .data_cache import is_remote, list_sources, upload_folder
+from .config import SearchConfig, flat_params, public_config
+from .data_cache import list_sources, upload_folder
 from .final_check import DRIFT_TOLERANCE, final_check
 from .names import Kind
-from .plan import Base, Log, Plan, SearchContext, prepare
+from .plan import Base, Plan, SearchContext, prepare
 from .preflight import check_artifact_store, check_services
 from .results import SearchResult, StageSummary
 from .resume import CONFIG_ARTIFACT, earlier_runs, finished_stage, recorded_config
-from .scheduler import run_study
+from .scheduler import run_stage
 from .tracking import Tracking
+from .uris import is_remote, redact
 
 __all__ = ["DRIFT_TOLERANCE", "SearchResult", "StageSummary", "prepare", "resume_search", "run_search",
            "union_seconds"]
@@ -76,6 +80,7 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
     """Start (or, with ``resumed``, reopen) the search run, run every stage, check and log the final model."""
+
     config = plan.config
     start = time.time()
     check_services(config)
@@ -163,6 +168,7 @@ def _upload_data(plan: Plan, tracking: Tracking, search_id: str, log: Log | None
     :func:`.data_cache.upload_folder`) and named by its ``runs:/`` URI, for Ray workers on machines without the
     driver's disk; the search run is tagged with each folder uploaded. ``s3://`` data and earlier uploads are kept.
     With ``relog`` (a resumed search), a plan that changed is recorded again as the run's config."""
+
     config, uploaded = plan.config, {}
     for split, source in (("train", config.train_data), ("eval", config.eval_data)):
         if source and not is_remote(source):
@@ -228,7 +234,7 @@ def _run_stages(ctx: SearchContext, resumed: bool) -> list[StageSummary]:
             stages.append(finished_stage(ctx.tracking, stage))
             ctx.log(f"[{task}] committed before the restart: stage run {stage.info.run_id}")
         else:
-            stages.append(run_study(ctx, index, parent, stage.info.run_id if stage is not None else None))
+            stages.append(run_stage(ctx, index, parent, stage.info.run_id if stage is not None else None))
         parent = stages[-1].run_id
     return stages
 
@@ -253,8 +259,9 @@ def _finish(ctx: SearchContext, stages: list[StageSummary], final: dict[str, dic
     wall = time.time() - start
     intervals = [interval for stage in stages for interval in stage.train_intervals]
     trained = union_seconds(intervals)
-    result = SearchResult(search_id, ctx.config.name, stages, final, model_uri, wall, trained, 1 - trained / wall,
-                          sum(b - a for a, b in intervals) / (wall * ctx.parallel))
+    result = SearchResult(search_id=search_id, name=ctx.config.name, stages=stages, final_metrics=final,
+                          model_uri=model_uri, wall_seconds=wall, train_seconds=trained, overhead=1 - trained / wall,
+                          utilisation=sum(b - a for a, b in intervals) / (wall * ctx.parallel))
     tracking.log(search_id, metrics={"wall_seconds": wall, "train_seconds_union": trained,
                                      "orchestration_overhead": result.overhead,
                                      "slot_utilisation": result.utilisation, "trials": result.trials},

@@ -1,10 +1,22 @@
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from pngrow.workers.png import SharedNetwork
+
+# Every image folder a test reads is decoded into a node cache: one of the session's own (inherited by the Ray
+# nodes and subprocesses the tests start), not the user's ~/.cache/pngrow.
+if "PNGROW_CACHE" not in os.environ:
+    os.environ["PNGROW_CACHE"] = tempfile.mkdtemp(prefix="pngrow-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PNGROW_CACHE"], ignore_errors=True)
 
 
 class ToyNet(nn.Module):
@@ -58,3 +70,12 @@ def toy() -> SharedNetwork:
 @pytest.fixture
 def toy_input() -> torch.Tensor:
     return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny NIC (rates q6, q2, q4) and SISR (x2, x3) model folders of :func:`tests.tiny_models.tiny_models`,
+    trained once per session for the tests that restore images with them; none of them writes into the folders."""
+    from tests.tiny_models import tiny_models
+
+    return tiny_models(tmp_path_factory.mktemp("tiny-models"), nic_tasks="q6,q2,q4")

@@ -1,11 +1,11 @@
-"""Images from folders (or scikit-image's bundled photos) and random training patches from them."""
+"""Images from folders (decoded once per node, see :mod:`.decoded`) or scikit-image's bundled photos, and random
+training patches from them."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .decoded import (HR_FOLDER, IMAGE_SUFFIXES, LR_FOLDER, cache_folder, check_image_size, decode_array, decoded_set,
+                      folder_files, pixel_digest)
+
 __all__ = [
     "HR_FOLDER",
     "IMAGE_SUFFIXES",
@@ -21,24 +24,15 @@ __all__ = [
     "LR_FOLDER",
     "PatchSampler",
     "check_folder",
-    "data_files",
-    "decode_image",
     "default_images",
     "load_folder",
     "load_image",
-    "read_shards",
     "write_shard",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # scikit-image ships these colour photographs inside the wheel, so the default job needs no download.
 DEFAULT_TRAIN = ("coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 DEFAULT_EVAL = ("astronaut", "chelsea")
-# The paired SR layout of EDSR's benchmark release, DIV2K and BasicSR: HR images in HR/ (or the folder itself) and
-# their LR images in LR_bicubic/X2, X3, ... named like the HR image, with or without an "x2" suffix.
-HR_FOLDER = "HR"
-LR_FOLDER = "LR_bicubic"
-_LR_SCALE = re.compile(r"X([2-9])")
 
 
 @dataclass(frozen=True)
@@ -46,13 +40,16 @@ class ImageSet:
     """Named RGB images as uint8 tensors of shape (3, H, W).
 
     ``low_res`` maps a scale to the images' given low-resolution versions (a paired SR folder), in the same order;
-    a scale missing there is made on the fly by the SISR family.
+    a scale missing there is made on the fly by the SISR family. ``image_digests`` and ``low_res_digests`` hold each
+    image's :func:`~.decoded.pixel_digest` where the node's cache gives them (else they are hashed when asked for).
     """
 
     source: str
     names: tuple[str, ...]
     images: tuple[torch.Tensor, ...]
     low_res: Mapping[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    image_digests: tuple[str, ...] = ()
+    low_res_digests: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,20 +58,25 @@ class ImageSet:
         if count is None:
             return self
         return ImageSet(self.source, self.names[:count], self.images[:count],
-                        {s: lr[:count] for s, lr in self.low_res.items()})
+                        {s: lr[:count] for s, lr in self.low_res.items()}, self.image_digests[:count],
+                        {s: d[:count] for s, d in self.low_res_digests.items()})
 
-    @functools.cached_property  # a worker process keeps its decoded sets (see pipeline.data_cache): hashed once
+    @functools.cached_property
     def digest(self) -> str:
-        """A short SHA-256 of the images' names and pixels (and any paired LR images): the same set, the same digest.
+        """A short SHA-256 of the images' names, shapes and pixels (and any paired LR images'): the same set, the
+        same digest, however it was loaded.
 
         >>> default_images("eval").digest == default_images("eval").digest != default_images("train").digest
         True
         """
         hasher = hashlib.sha256()
-        pairs = [(str(s), lr) for s, lrs in sorted(self.low_res.items()) for lr in lrs]
-        for name, image in [*zip(self.names, self.images), *pairs]:
-            hasher.update(f"{name}:{tuple(image.shape)};".encode())
-            hasher.update(image.contiguous().numpy().tobytes())
+        images = self.image_digests or tuple(pixel_digest(im.numpy()) for im in self.images)
+        records = list(zip(self.names, self.images, images))
+        for scale, lrs in sorted(self.low_res.items()):
+            given = self.low_res_digests.get(scale) or tuple(pixel_digest(lr.numpy()) for lr in lrs)
+            records += [(str(scale), lr, digest) for lr, digest in zip(lrs, given)]
+        for name, image, digest in records:
+            hasher.update(f"{name}:{tuple(image.shape)}:{digest};".encode())
         return hasher.hexdigest()[:16]
 
     @property
@@ -95,75 +97,31 @@ def _to_rgb_tensor(array: np.ndarray) -> torch.Tensor:
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as RGB uint8 (3, H, W); grey is replicated and alpha dropped.
 
-    Raises ``ValueError`` naming the file when it cannot be decoded.
+    Raises ``ValueError`` naming the file when it cannot be decoded or is over
+    :data:`~.decoded.MAX_PIXELS` pixels.
     """
-    return decode_image(path, str(path))
-
-
-def decode_image(source: str | Path | io.BytesIO, name: str) -> torch.Tensor:
-    """Decode an image file or encoded bytes (``name`` says which in errors) as RGB uint8 (3, H, W)."""
-    try:
-        with Image.open(source) as img:
-            img.load()
-            if img.mode not in ("RGB", "L", "RGBA"):
-                img = img.convert("RGB")
-            array = np.array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {name!r}: {exc}") from None
-    if array.dtype != np.uint8:
-        raise ValueError(f"image {name!r} has {array.dtype} pixels; only 8-bit images are supported")
-    return _to_rgb_tensor(array)
-
-
-def _folder_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
-    """The image files and the Parquet shards directly inside ``folder`` (or its ``HR/``), by name; at least one."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise ValueError(f"image folder {str(folder)!r} does not exist")
-    if (path / HR_FOLDER).is_dir():
-        path = path / HR_FOLDER
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    shards = [p for p in files if p.suffix.lower() == ".parquet"]
-    if not images and not shards:
-        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images or .parquet shards")
-    return images, shards
+    return torch.from_numpy(decode_array(path, str(path)))
 
 
 def check_folder(folder: str | Path) -> int:
-    """Check, without decoding pixels, that every image file in ``folder`` is readable; returns how many there are
-    (Parquet shards counted as files). Raises ``ValueError`` naming the first bad file.
+    """Check, without decoding pixels, that every image file in ``folder`` is readable and at most
+    :data:`~.decoded.MAX_PIXELS` pixels; returns how many there are (Parquet shards counted as files). Raises
+    ``ValueError`` naming the first bad file.
 
     >>> check_folder("/nonexistent")
     Traceback (most recent call last):
     ...
     ValueError: image folder '/nonexistent' does not exist
     """
-    images, shards = _folder_files(folder)
+    images, shards = folder_files(folder)
     for file in images:
         try:
             with Image.open(file) as img:
+                check_image_size(img.size, str(file))
                 img.verify()
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise ValueError(f"cannot read image {str(file)!r}: {exc}") from None
     return len(images) + len(shards)
-
-
-def data_files(folder: str | Path) -> list[Path]:
-    """Every file :func:`load_folder` reads from ``folder``: its images or Parquet shards (in it or its ``HR/``) and
-    the images of its ``LR_bicubic/X<s>/`` folders (a paired SR folder), nothing else.
-
-    >>> data_files("/nonexistent")
-    Traceback (most recent call last):
-    ...
-    ValueError: image folder '/nonexistent' does not exist
-    """
-    images, shards = _folder_files(folder)
-    root = Path(folder) / LR_FOLDER
-    scales = sorted(p for p in root.iterdir() if p.is_dir() and _LR_SCALE.fullmatch(p.name)) \
-        if root.is_dir() and not shards else []
-    paired = [p for sub in scales for p in sorted(sub.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return images + shards + paired
 
 
 def write_shard(images: ImageSet, path: str | Path) -> Path:
@@ -181,67 +139,32 @@ def write_shard(images: ImageSet, path: str | Path) -> Path:
     return Path(path)
 
 
-def read_shards(paths: list[Path]) -> list[tuple[str, torch.Tensor]]:
-    """The images in Parquet shards written by :func:`write_shard`, named ``shard:name``."""
-    import pyarrow.parquet as pq
-
-    out = []
-    for path in paths:
-        try:
-            table = pq.read_table(str(path), columns=["name", "png"])
-        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-            raise ValueError(f"cannot read Parquet shard {str(path)!r} (columns name, png): {exc}") from None
-        for name, data in zip(table.column("name").to_pylist(), table.column("png").to_pylist()):
-            label = f"{path.name}:{name}"
-            out.append((label, decode_image(io.BytesIO(data), label)))
-    return out
-
-
-def load_folder(folder: str | Path) -> ImageSet:
-    """Every image (by suffix) and every image in Parquet shards (``*.parquet``) directly inside ``folder``.
+def load_folder(folder: str | Path, cache: str | Path | None = None, source: str | None = None) -> ImageSet:
+    """Every image (by suffix) and every image in Parquet shards (``*.parquet``) directly inside ``folder`` (or its
+    ``HR/``), with a paired SR folder's ``LR_bicubic/X<s>/`` images, decoded once per node into the cache folder
+    ``cache`` (see :func:`~.decoded.cache_folder`) and mapped from there. ``source`` names the set (default: the
+    folder).
 
     >>> load_folder("/nonexistent")
     Traceback (most recent call last):
     ...
     ValueError: image folder '/nonexistent' does not exist
     """
-    images, shards = _folder_files(folder)
-    named = [(p.name, load_image(p)) for p in images] + read_shards(shards)
-    if not named:
-        raise ValueError(f"image folder {str(folder)!r} has no images: its Parquet shards are empty")
-    pairs = _low_res(Path(folder), images, [im for _, im in named]) if not shards else {}
-    return ImageSet(str(Path(folder)), tuple(n for n, _ in named), tuple(im for _, im in named), pairs)
+    folder_files(folder)  # a missing or empty folder is named before the cache is touched
+    decoded = decoded_set(folder, cache_folder(cache))
+    tensors = lambda arrays: tuple(torch.from_numpy(a) for a in arrays)  # noqa: E731 - views, no copy
+    return ImageSet(source or str(Path(folder)), decoded.names, tensors(decoded.images),
+                    {s: tensors(arrays) for s, (arrays, _) in decoded.low_res.items()}, decoded.digests,
+                    {s: digests for s, (_, digests) in decoded.low_res.items()})
 
 
-def _low_res(folder: Path, files: list[Path], images: list[torch.Tensor]) -> dict[int, tuple[torch.Tensor, ...]]:
-    """The paired LR images of ``folder/LR_bicubic/X<s>/`` for each scale there, checked against their HR images.
-
-    Each LR image is ``<stem>x<s><suffix>`` or ``<stem><suffix>`` and measures the HR size floor-divided by s.
-    """
-    root = folder / LR_FOLDER
-    if not root.is_dir():
-        return {}
-    pairs = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and _LR_SCALE.fullmatch(p.name)):
-        scale = int(sub.name[1:])
-        found = []
-        for file, hr in zip(files, images):
-            candidates = [sub / f"{file.stem}x{scale}{file.suffix}", sub / file.name]
-            lr_file = next((c for c in candidates if c.is_file()), None)
-            if lr_file is None:
-                raise ValueError(f"paired folder {str(folder)!r}: no LR image {str(candidates[0])!r} for {file.name!r}")
-            lr = load_image(lr_file)
-            want = (hr.shape[1] // scale, hr.shape[2] // scale)
-            if tuple(lr.shape[1:]) != want:
-                raise ValueError(f"LR image {str(lr_file)!r} is {lr.shape[2]}x{lr.shape[1]}, not {want[1]}x{want[0]} "
-                                 f"(its HR image {file.name!r} divided by {scale})")
-            found.append(lr)
-        pairs[scale] = tuple(found)
-    return pairs
-
-
+@functools.lru_cache(maxsize=2)
 def default_images(split: str) -> ImageSet:
-    """scikit-image's bundled colour photographs: ``"train"`` (4) or ``"eval"`` (2)."""
+    """scikit-image's bundled colour photographs: ``"train"`` (4) or ``"eval"`` (2); decoded once per process.
+
+    >>> default_images("eval") is default_images("eval")
+    True
+    """
     import skimage.data
 
     names = {"train": DEFAULT_TRAIN, "eval": DEFAULT_EVAL}[split]

@@ -1,5 +1,4 @@
-"""Data fetched once per node and decoded once per process (``pipeline/data_cache.py``), against a real SeaweedFS S3
-server; and init weights and local data folders that reach trials through the artifact store, not the driver's
+"""Data fetched and decoded once per node (``pipeline/data_cache.py``), against a real SeaweedFS S3 server; and init weights and local data folders that reach trials through the artifact store, not the driver's
 disk."""
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ import torch
 from PIL import Image
 
 from pngrow.pipeline.cli import main
-from pngrow.pipeline.data_cache import (MEMO_SIZE, Manifest, cache_folder, fetch_file, fetch_folder, list_sources,
-                                        load_images)
+from pngrow.pipeline.data_cache import Manifest, fetch_file, fetch_folder, list_sources, load_images
 from pngrow.pipeline.object_store import bytes_fetched, download, list_folder, object_info
+from pngrow.workers import decoded
 from pngrow.workers.data import default_images, write_shard
+from pngrow.workers.decoded import cache_folder
 from tests.services import SeaweedS3
 
 
@@ -37,6 +37,20 @@ def _png(colour: tuple[int, int, int], size: int = 40) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the images this process decodes from now on."""
+    seen: list[str] = []
+    real = decoded.decode_array
+
+    def counting(source, name):  # noqa: ANN001, ANN202
+        seen.append(name)
+        return real(source, name)
+
+    monkeypatch.setattr(decoded, "decode_array", counting)
+    return seen
+
+
 def _upload(s3: SeaweedS3, prefix: str, objects: dict[str, bytes]) -> str:
     for name, body in objects.items():
         s3.client().put_object(Bucket="pngrow", Key=f"data-cache-test/{prefix}/{name}", Body=body)
@@ -44,7 +58,8 @@ def _upload(s3: SeaweedS3, prefix: str, objects: dict[str, bytes]) -> str:
 
 
 @pytest.mark.slow
-def test_a_prefix_is_downloaded_once_per_cache_and_decoded_once_per_process(s3_env: SeaweedS3, tmp_path: Path) -> None:
+def test_a_prefix_is_downloaded_and_decoded_once_per_cache(s3_env: SeaweedS3, tmp_path: Path,
+                                                             decodes: list[str]) -> None:
     objects = {"a.png": _png((200, 10, 10)), "b.png": _png((10, 200, 10), 48)}
     uri = _upload(s3_env, "once/train", {**objects, "nested/ignored.png": b"not read"})
     size = sum(len(body) for body in objects.values())
@@ -53,9 +68,9 @@ def test_a_prefix_is_downloaded_once_per_cache_and_decoded_once_per_process(s3_e
     before = bytes_fetched()
     images = load_images(uri, "train", manifest)
     assert images.names == ("a.png", "b.png") and images.source == uri
-    assert bytes_fetched() - before == size
+    assert bytes_fetched() - before == size and len(decodes) == 2
     # Another trial of the search, and another search (listed afresh): nothing downloaded, nothing decoded again.
-    assert load_images(uri, "train", manifest) is images
+    assert load_images(uri, "train", manifest).digest == images.digest and len(decodes) == 2
     assert fetch_folder(uri, list_sources([uri], cache=str(tmp_path / "node1"))).is_dir()
     assert bytes_fetched() - before == size
     # Another node (its own cache folder) downloads the data once too.
@@ -63,6 +78,21 @@ def test_a_prefix_is_downloaded_once_per_cache_and_decoded_once_per_process(s3_e
     assert bytes_fetched() - before == 2 * size
     assert sorted(p.name for p in (tmp_path / "node2" / "objects").iterdir() if not p.name.startswith(".")) == sorted(
         f"{etag}-{length}" for etag, length in manifest.folders[uri].values())
+
+
+@pytest.mark.slow
+def test_a_folder_of_more_objects_than_a_listing_page_is_listed_and_fetched_whole(
+        s3_env: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pngrow.pipeline import object_store
+
+    objects = {f"{i:02d}.png": _png((i, 2 * i, 3 * i), 16) for i in range(7)}
+    uri = _upload(s3_env, "pages/train", objects)
+    monkeypatch.setattr(object_store, "LIST_PAGE", 3)
+    first_page = s3_env.client().list_objects_v2(Bucket="pngrow", Prefix="data-cache-test/pages/train/", MaxKeys=3)
+    assert first_page["IsTruncated"] and len(first_page["Contents"]) == 3  # the server pages at 3
+    assert sorted(list_folder(uri)) == sorted(objects)
+    images = load_images(uri, "train", list_sources([uri], cache=str(tmp_path / "cache")))
+    assert images.names == tuple(sorted(objects))
 
 
 @pytest.mark.slow
@@ -114,29 +144,28 @@ def test_an_unwritable_cache_folder_is_one_line(tmp_path: Path, capsys: pytest.C
     cache = tmp_path / "blocker" / "cache"
     with pytest.raises(ValueError) as caught:  # a worker's check
         cache_folder(str(cache))
-    assert str(caught.value) == f"cache folder '{cache}' is not writable: Not a directory"
+    assert str(caught.value) == f"cache folder '{cache}' cannot be written: Not a directory"
     # The driver's check, at plan time: one line, before any service starts.
     (tmp_path / "search.yaml").write_text(f"family: sisr\ntasks: [x2]\ndata: {{train: 's3://pngrow/train', "
                                           f"cache: '{cache}'}}\n")
     assert main(["search", str(tmp_path / "search.yaml"), "--workdir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
-    assert f"cache folder '{cache}' is not writable: Not a directory" in err and err.count("\n") == 1, err
+    assert f"cache folder '{cache}' cannot be written: Not a directory" in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_folder_is_decoded_once_per_process_until_it_changes(tmp_path: Path) -> None:
-    folders = [tmp_path / f"set{i}" for i in range(MEMO_SIZE + 1)]
-    for i, folder in enumerate(folders):
-        folder.mkdir()
-        (folder / "a.png").write_bytes(_png((i, 0, 0)))
-    first = load_images(str(folders[0]), "train")
-    assert load_images(str(folders[0]), "train") is first
-    (folders[0] / "b.png").write_bytes(_png((0, 0, 0)))  # new content: decoded again
-    second = load_images(str(folders[0]), "train")
-    assert second is not first and second.names == ("a.png", "b.png")
-    for folder in folders[1:]:  # the memo keeps the last MEMO_SIZE sets
-        load_images(str(folder), "train")
-    assert load_images(str(folders[0]), "train") is not second
+def test_a_folder_is_decoded_once_per_node_until_it_changes(tmp_path: Path, decodes: list[str]) -> None:
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png((1, 0, 0)))
+    node = Manifest(cache=str(tmp_path / "cache"))
+    first = load_images(str(folder), "train", node)
+    assert load_images(str(folder), "train", node).digest == first.digest and len(decodes) == 1
+    (folder / "b.png").write_bytes(_png((0, 0, 0)))  # new content: decoded again, all of it
+    second = load_images(str(folder), "train", node)
+    assert second.names == ("a.png", "b.png") and second.digest != first.digest and len(decodes) == 3
+    assert load_images(str(folder), "train", Manifest(cache=str(tmp_path / "node2"))).digest == second.digest
+    assert len(decodes) == 5  # another node's cache decodes it once too
 
 
 @pytest.mark.slow
@@ -149,10 +178,11 @@ def test_local_init_weights_reach_trials_through_the_artifact_store(s3_env: Seaw
     from pngrow.pipeline.resume import CONFIG_ARTIFACT
     from pngrow.pipeline.search import _start_search_run
     from pngrow.pipeline.tracking import Tracking
-    from pngrow.pipeline.trial import TrialSpec, run_trial
+    from pngrow.pipeline.records import TrialSpec
+    from pngrow.pipeline.trial import run_trial
     from pngrow.workers.models import get_family
     from pngrow.workers.png import load_shared
-    from pngrow.workers.training import StageSettings
+    from pngrow.workers.settings import TaskSettings
 
     arch = {"width": 16, "depth": 1}
     family = get_family("sisr", ["x2"], **arch)
@@ -171,9 +201,9 @@ def test_local_init_weights_reach_trials_through_the_artifact_store(s3_env: Seaw
     assert any(k.endswith(f"{search_id}/artifacts/init/dense.safetensors") for k in keys)
     os.remove(init)  # the driver's file is gone: the trial reads the uploaded copy
     run_id = tracking.start_run("x2 trial 0", {}, parent=search_id)
-    settings = StageSettings(grow_steps=0, prune_steps=0, finetune_steps=0, batch_size=2)
-    run_trial(TrialSpec(tracking.uri, run_id, "sisr", ["x2"], arch, "x2", None, asdict(settings),
-                        eval_limit=1, init=plan.config.init))
+    settings = TaskSettings(grow_steps=0, prune_steps=0, finetune_steps=0, batch_size=2)
+    run_trial(TrialSpec(tracking_uri=tracking.uri, run_id=run_id, family="sisr", tasks=["x2"], arch=arch, task="x2",
+                        parent_run=None, settings=asdict(settings), eval_limit=1, init=plan.config.init))
     checkpoint = tracking.download_checkpoint(run_id, tmp_path / "checkpoint")
     shared = load_shared(checkpoint, lambda a: get_family("sisr", a["tasks"], **arch).build_model())
     head = shared.layers["head"]

@@ -9,7 +9,9 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import ray
 import skimage.data
+import torch
 import yaml
 from PIL import Image
 
@@ -83,11 +85,23 @@ def test_status_and_promote_without_a_store_say_so(tmp_path: Path, capsys, monke
     assert "no pngrow tracking store" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's tiny search, run once in a folder of its own (``pngrow-runs/``, ``summary.json``)."""
+    assert not ray.is_initialized(), "the embedded default starts its own Ray"
+    folder = tmp_path_factory.mktemp("tiny-search")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(folder)
+        assert main(["search", str(EXAMPLE), "--json", "summary.json"]) == 0
+    return folder
+
+
 @pytest.mark.slow
-def test_tiny_search_runs_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_tiny_search_runs_embedded(tiny_search: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    tmp_path = tiny_search
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert main(["search", str(EXAMPLE), "--json", "summary.json"]) == 0
     summary = json.loads(Path("summary.json").read_text())
     assert summary["trials"] == 6 and 0 <= summary["overhead"] < 1
     runs = tmp_path / "pngrow-runs"
@@ -117,6 +131,9 @@ def test_tiny_search_runs_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert client.get_experiment(search.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert "searches `prune_ratio`" in search.data.tags["mlflow.note.content"]
     trial = client.get_run(summary["stages"][0]["chosen_trial_run"])
+    # It logged how long after it began its first step was done (data, model and all) and its evaluation's time.
+    times = trial.data.metrics
+    assert 0 < times["first_step_seconds"] < times["trial_seconds"] and 0 < times["eval_seconds"] < times["trial_seconds"]
     inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in trial.inputs.dataset_inputs}
     assert inputs["training"].digest == default_images("train").digest
     assert inputs["evaluation"].digest == evaluation.digest and "skimage.data" in inputs["evaluation"].source
@@ -140,7 +157,37 @@ def test_tiny_search_runs_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.slow
-def test_latency_search_times_every_trial_and_hands_on_the_fastest(tmp_path: Path, monkeypatch) -> None:
+def test_an_earlier_task_changed_in_the_final_model_fails_the_final_check(tiny_search: Path, joined_ray, monkeypatch,
+                                                                          capsys) -> None:
+    """One weight of x2's own tail moved by one float step in the final checkpoint (x3's stage): x2's fingerprint
+    changes, too little for its PSNR to drift, and the final check of a resumed search refuses the model by name.
+    (It changes the tiny search's store: after the test above.)"""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tiny_search)
+    summary = json.loads(Path("summary.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_search / 'pngrow-runs' / 'mlflow.db'}")
+    final = client.get_run(summary["stages"][-1]["run_id"])
+    checkpoint = Path(final.info.artifact_uri.removeprefix("file://")) / "checkpoint"
+    family, shared = load_model(checkpoint)
+    committed = shared.fingerprint("x2")
+    assert committed == client.get_run(summary["search_id"]).data.tags["pngrow.fingerprint.x2"]
+    name, weight = next((n, t) for n, t in sorted(shared.head_tensors("x2").items()) if t.is_floating_point())
+    with torch.no_grad():
+        flat = weight.view(-1)
+        flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf")))
+    family.save(shared, checkpoint)
+    assert load_model(checkpoint)[1].fingerprint("x2") != committed, name
+    # The driver died before its final check: the search is resumed from its committed stages.
+    client.set_terminated(summary["search_id"], "FAILED")
+    capsys.readouterr()
+    assert main(["resume", summary["search_id"], "--quiet"]) == 2
+    assert ("task 'x2' changed after later tasks were grown (its fingerprint differs)"
+            in capsys.readouterr().err.strip().splitlines()[-1])
+    assert client.get_run(summary["search_id"]).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_latency_search_times_every_trial_and_hands_on_the_fastest(joined_ray, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "space.yaml").write_text(
