@@ -19,13 +19,14 @@ from torch import nn
 from pngrow.workers.data import PatchSampler
 from pngrow.workers.models import Family
 from pngrow.workers.models.nic import QUALITY_LAMBDAS, lambda_of
-from pngrow.workers.training import Optimisers
+from pngrow.workers.settings import TaskSettings
+from pngrow.workers.training import Optimisers, training_loss
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from compressai.models.vbr import ScaleHyperpriorVbr
 
-__all__ = ["JointModel", "VariableRateCodec", "build_joint", "train_joint"]
+__all__ = ["JointModel", "VariableRateCodec", "build_joint", "dense_model", "train_joint"]
 
 # The VBR model's gain for CompressAI quality q is its level q - 1; other lambdas take the nearest level.
 _LEVELS = sorted(QUALITY_LAMBDAS.items())
@@ -89,30 +90,47 @@ def _by_rate_level(model: nn.Module, task: str) -> dict[str, Any]:
     return {}
 
 
-def build_joint(family: Family) -> JointModel:
-    """The fully shared baseline for ``family``'s tasks (SISR: EDSR with per-scale tails; NIC: the VBR codec)."""
+def build_joint(family: Family, initial: dict[str, torch.Tensor] | None = None) -> JointModel:
+    """The fully shared baseline for ``family``'s tasks (SISR: EDSR with per-scale tails; NIC: the VBR codec), its
+    layers that the family's own model has set from the dense state dict ``initial`` when given."""
     if family.name == "sisr":
-        return JointModel(family.build_model(), _by_task_argument)
-    if family.name == "nic":
-        return JointModel(VariableRateCodec(family.arch["N"], family.arch["M"]), _by_rate_level)
-    raise ValueError(f"no fully shared baseline for family {family.name!r}")
+        joint = JointModel(family.build_model(), _by_task_argument)
+        target = joint.model
+    elif family.name == "nic":
+        joint = JointModel(VariableRateCodec(family.arch["N"], family.arch["M"]), _by_rate_level)
+        target = joint.model.codec
+    else:
+        raise ValueError(f"no fully shared baseline for family {family.name!r}")
+    if initial is not None:
+        target.load_state_dict(initial, strict=False)  # the VBR's gains and the other tasks' tails start fresh
+    return joint
 
 
-def train_joint(joint: JointModel, family: Family, sampler: PatchSampler, steps_per_task: int, batch_size: int,
-                lr: float, seed: int = 0, log: Callable[[str], None] = print) -> None:
+def dense_model(family: Family) -> JointModel:
+    """The family's own dense model for its tasks, served like a shared network (the task passed as the model's
+    task argument where it takes one), for training a dense model with the family's loss."""
+    model, task_arg = family.build_model(), family.build_shared().task_arg
+    return JointModel(model, (lambda _, task: {task_arg: task}) if task_arg else (lambda _, task: {}))
+
+
+def train_joint(joint: JointModel, family: Family, sampler: PatchSampler, steps_per_task: int, settings: TaskSettings,
+                log: Callable[[str], None] = print) -> None:
     """Train every weight on all of ``family``'s tasks, one task per step in turn, ``steps_per_task`` steps each,
-    with the optimiser and cosine schedule that PnG's stages use."""
-    torch.manual_seed(seed)
+    with the optimiser and cosine schedule that PnG's training of a task uses, at the batch size, learning rate,
+    seed, precision and memory order of ``settings``."""
+    torch.manual_seed(settings.seed)
     joint.train()
+    if settings.channels_last:
+        joint.model.to(memory_format=torch.channels_last)
     aux = [p for n, p in joint.model.named_parameters() if n.endswith("quantiles")]
     aux_ids = {id(p) for p in aux}
     total = max(1, steps_per_task * len(family.tasks))
     weights = [p for p in joint.model.parameters() if id(p) not in aux_ids]
-    optimisers = Optimisers.build([{"params": weights, "lr": lr}], aux, (total,))
+    optimisers = Optimisers.build([{"params": weights, "lr": settings.lr}], aux, (total,))
     for step in range(steps_per_task * len(family.tasks)):
         task = family.tasks[step % len(family.tasks)]
-        batch = sampler.sample(batch_size, family.patch_size(task)).to(joint.device)
-        loss, figures = family.loss(joint, task, batch)  # type: ignore[arg-type]
+        batch = sampler.sample(settings.batch_size, family.patch_size(task))
+        loss, figures = training_loss(joint, family, task, settings, batch)  # type: ignore[arg-type]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"joint model, task {task!r}: training loss became {loss.item()} at step {step}")
         optimisers.step(loss, lambda: family.aux_loss(joint))  # type: ignore[arg-type]

@@ -29,15 +29,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pngrow.workers.classic_codecs import CLASSIC_CODECS
 from pngrow.workers.data import ImageSet, PatchSampler, load_folder
 from pngrow.workers.latency import median_latencies
 from pngrow.workers.metrics import bd_rate
-from pngrow.workers.models import Family, get_family
+from pngrow.workers.models import Codec, Family, get_family
 from pngrow.workers.png import check_compaction, compact_task, count_macs, model_cost, parse_block_shape
-from pngrow.workers.training import StageSettings, train_shared
+from pngrow.workers.settings import TaskSettings
+from pngrow.workers.training import train_shared
 
 from . import require_at_least
-from .baselines import build_joint, train_joint
+from .baselines import build_joint, dense_model, train_joint
 
 __all__ = ["BUDGETS", "Budget", "Row", "main", "run_benchmark"]
 
@@ -59,13 +61,24 @@ class Budget:
     block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<scope>][+paired][@<ratio>]"
     prune_ratio: float = 0.5
     reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects
+    # A dense model trained first for base_steps at base_task, which every learned system starts from (task 1 of PnG,
+    # each separate model, the joint model): the fair way to spend a long budget once (0: all start from scratch).
+    base_steps: int = 0
+    base_task: str = ""
+    classic: tuple[str, ...] = ()  # classic codecs measured beside a codec family's systems (jpeg, webp)
+    precision: str = "float32"  # how every system trains (see TaskSettings)
+    channels_last: bool = False
 
 
-# quick: 20 minutes on 2 CPU cores; full: a GPU (EDSR-baseline and the CompressAI zoo's N=128, M=192 sizes).
+# quick: 20 minutes on 2 CPU cores; cpu (NIC): long enough on 2 CPU cores for every codec to pass JPEG on Kodak;
+# full: a GPU (EDSR-baseline and the CompressAI zoo's N=128, M=192 sizes).
 BUDGETS: dict[tuple[str, str], Budget] = {
     ("sisr", "quick"): Budget(("x2", "x3", "x4"), 900, 8, 5e-4, {"width": 32, "depth": 4}, None, 96, 15),
     ("sisr", "full"): Budget(("x2", "x3", "x4"), 30000, 16, 2e-4, {"width": 64, "depth": 16}, None, 256, 30),
     ("nic", "quick"): Budget(("q7", "q5", "q3", "q1"), 250, 4, 5e-4, {"N": 64, "M": 96}, 6, 256, 15),
+    ("nic", "cpu"): Budget(("q1", "q2", "q3", "q4"), 2500, 8, 5e-4, {"N": 64, "M": 96}, None, 512, 15,
+                           ("8x1024/active",), base_steps=15000, base_task="q3", classic=("jpeg", "webp"),
+                           precision="bfloat16", channels_last=True),
     ("nic", "full"): Budget(("q7", "q5", "q3", "q1"), 100000, 8, 1e-4, {"N": 128, "M": 192}, None, 512, 30),
 }
 
@@ -92,20 +105,24 @@ class Row:
         return {**out, **self.metrics, **self.extra}
 
 
-def _parse_spec(spec: str) -> tuple[str, str, bool, float | None]:
-    """A PnG system's block shape, pruning scope, whether it is paired and prune ratio (None: the budget's) from its
-    spec ``<shape>[/<scope>][+paired][@<ratio>]``.
+_FLAGS = ("paired", "released")  # a PnG spec's +flags: channel pairs pruned together; growth from released blocks
+
+
+def _parse_spec(spec: str) -> tuple[str, str, frozenset[str], float | None]:
+    """A PnG system's block shape, pruning scope, flags and prune ratio (None: the budget's) from its spec
+    ``<shape>[/<scope>][+paired][+released][@<ratio>]``.
 
     >>> _parse_spec("8x1024/active+paired@0.4"), _parse_spec("4x4")
-    (('8x1024', 'active', True, 0.4), ('4x4', 'own', False, None))
+    (('8x1024', 'active', frozenset({'paired'}), 0.4), ('4x4', 'own', frozenset(), None))
     """
     rest, _, ratio = spec.partition("@")
-    rest, plus, flag = rest.partition("+")
-    if plus and flag != "paired":
-        raise ValueError(f"block spec {spec!r}: {'+' + flag!r} is not +paired")
+    rest, *flags = rest.split("+")
+    unknown = [flag for flag in flags if flag not in _FLAGS]
+    if unknown:
+        raise ValueError(f"block spec {spec!r}: {'+' + unknown[0]!r} is not {' or '.join('+' + f for f in _FLAGS)}")
     shape, _, scope = rest.partition("/")
     try:
-        return shape, scope or "own", bool(plus), float(ratio) if ratio else None
+        return shape, scope or "own", frozenset(flags), float(ratio) if ratio else None
     except ValueError:
         raise ValueError(f"prune ratio {ratio!r} is not a number") from None
 
@@ -113,22 +130,25 @@ def _parse_spec(spec: str) -> tuple[str, str, bool, float | None]:
 def _system(spec: str) -> str:
     """A PnG system's name from its block spec: ``8x1024/active`` is ``png-8x1024-active``, ``8x1024/active@0.40``
     ``png-8x1024-active-r0.4``, ``8x1024/active+paired`` ``png-8x1024-active-paired``."""
-    shape, scope, paired, ratio = _parse_spec(spec)
-    return (f"png-{shape}" + (f"-{scope}" if scope != "own" else "") + ("-paired" if paired else "")
+    shape, scope, flags, ratio = _parse_spec(spec)
+    return (f"png-{shape}" + (f"-{scope}" if scope != "own" else "") + "".join(f"-{f}" for f in _FLAGS if f in flags)
             + (f"-r{ratio:g}" if ratio is not None else ""))
 
 
-def _stage_settings(budget: Budget, block_shape: str | None, seed: int) -> StageSettings:
+def _task_settings(budget: Budget, block_shape: str | None, seed: int) -> TaskSettings:
+    common = {"batch_size": budget.batch_size, "lr": budget.lr, "seed": seed, "precision": budget.precision,
+              "channels_last": budget.channels_last}
     if block_shape is None:  # a dense model: every step grows, nothing is pruned
-        return StageSettings(prune_ratio=0.0, reuse="none", grow_steps=budget.steps, prune_steps=0, finetune_steps=0,
-                             batch_size=budget.batch_size, lr=budget.lr, seed=seed)
+        return TaskSettings(prune_ratio=0.0, reuse="none", grow_steps=budget.steps, prune_steps=0, finetune_steps=0,
+                            **common)
     grow = round(0.6 * budget.steps)
     prune = round(0.2 * budget.steps)
-    shape, scope, paired, ratio = _parse_spec(block_shape)
-    return StageSettings(block_shape=parse_block_shape(shape), prune_ratio=budget.prune_ratio if ratio is None else ratio,
-                         grow_steps=grow, prune_steps=prune, finetune_steps=budget.steps - grow - prune,
-                         batch_size=budget.batch_size, lr=budget.lr, reuse_penalty=budget.reuse_penalty,
-                         prune_scope=scope, paired=paired, seed=seed)
+    shape, scope, flags, ratio = _parse_spec(block_shape)
+    return TaskSettings(block_shape=parse_block_shape(shape),
+                        prune_ratio=budget.prune_ratio if ratio is None else ratio,
+                        grow_steps=grow, prune_steps=prune, finetune_steps=budget.steps - grow - prune,
+                        reuse_penalty=budget.reuse_penalty, prune_scope=scope, paired="paired" in flags,
+                        grow_from="released" if "released" in flags else "fresh", **common)
 
 
 @dataclass
@@ -144,36 +164,52 @@ class _Trained:
 def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image: ImageSet, device: str, seed: int,
                    log: Callable[[str], None]) -> _Trained:
     """Train the separate models, one PnG model per block spec and the joint model under one budget."""
-    quiet = lambda message: None  # noqa: E731 - stage logs would drown the benchmark's own
+    quiet = lambda message: None  # noqa: E731 - the tasks' training logs would drown the benchmark's own
     seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    initial = _train_base(family, budget, train, device, seed, log) if budget.base_steps else None
+    seconds["base"] = time.perf_counter() - start
     start = time.perf_counter()
     separate = {}
     for task in budget.tasks:
         log(f"separate {task}: {budget.steps} steps")
         one = get_family(family.name, [task], **budget.arch)
-        separate[task] = train_shared(one, [_stage_settings(budget, None, seed)], train, first_image, quiet, device)
+        separate[task] = train_shared(one, [_task_settings(budget, None, seed)], train, first_image, quiet, device,
+                                      initial)
     seconds["separate"] = time.perf_counter() - start
     png = {}
     for shape in budget.block_shapes:
         start = time.perf_counter()
-        log(f"{_system(shape)}: {len(budget.tasks)} stages of {budget.steps} steps")
-        settings = [_stage_settings(budget, shape, seed)] * len(budget.tasks)
-        png[shape] = train_shared(family, settings, train, first_image, quiet, device)
+        log(f"{_system(shape)}: {len(budget.tasks)} tasks of {budget.steps} steps")
+        settings = [_task_settings(budget, shape, seed)] * len(budget.tasks)
+        png[shape] = train_shared(family, settings, train, first_image, quiet, device, initial)
         seconds[_system(shape)] = time.perf_counter() - start
     start = time.perf_counter()
     log(f"joint: {budget.steps * len(budget.tasks)} steps over all tasks")
-    joint = build_joint(family).to(device)
+    joint = build_joint(family, initial).to(device)
     sampler = PatchSampler(train, max(family.patch_size(t) for t in family.tasks), seed=seed)
-    train_joint(joint, family, sampler, budget.steps, budget.batch_size, budget.lr, seed, quiet)
+    train_joint(joint, family, sampler, budget.steps, _task_settings(budget, None, seed), quiet)
     seconds["joint"] = time.perf_counter() - start
     return _Trained(separate, png, joint, seconds)
+
+
+def _train_base(family: Family, budget: Budget, train: ImageSet, device: str, seed: int,
+                log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """The dense state dict every learned system starts from: the family's model trained ``base_steps`` at
+    ``base_task``, by the same optimiser and cosine schedule as every other system."""
+    log(f"base: {budget.base_steps} steps at {budget.base_task}")
+    one = get_family(family.name, [budget.base_task], **budget.arch)
+    base = dense_model(one).to(device)
+    sampler = PatchSampler(train, one.patch_size(budget.base_task), seed=seed)
+    train_joint(base, one, sampler, budget.base_steps, _task_settings(budget, None, seed), lambda message: None)
+    return {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
 
 
 def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation: ImageSet, device: str = "cpu",
                   seed: int = 0, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Any]]:
     """Train and measure every system; returns the per-task rows and a per-system summary."""
     family = get_family(family_name, list(budget.tasks), **budget.arch)
-    # The first image checks each stage as it ends; every system is measured on the whole set below.
+    # The first image checks each task as its training ends; every system is measured on the whole set below.
     trained = _train_systems(family, budget, train, evaluation.limit(1), device, seed, log)
     # "One dense model" is the mean of the separate ones (SISR's tails differ in size by scale).
     dense_params = round(statistics.mean(model_cost(job.shared).stored_params for job in trained.separate.values()))
@@ -187,7 +223,26 @@ def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation:
                                generator=torch.Generator().manual_seed(seed)).to(device)
     rows = [row for task in budget.tasks
             for row in _measure_task(family, task, trained, evaluation, budget, latency_input, stored, dense_params)]
+    rows += _classic_rows(budget, evaluation, rows, dense_params, log)
     return rows, _summary(family, rows, stored, dense_params, trained.seconds)
+
+
+def _classic_rows(budget: Budget, evaluation: ImageSet, learned: list[Row], dense_params: int,
+                  log: Callable[[str], None]) -> list[Row]:
+    """Each classic codec of the budget on the same images, at the qualities whose bpp spans the learned systems'
+    (one beyond each end), measured as the learned codecs are: a row per quality, ``task`` naming it."""
+    rows = []
+    low, high = (f(r.metrics["bpp"] for r in learned) for f in (min, max)) if budget.classic else (0.0, 0.0)
+    for name in budget.classic:
+        codec = CLASSIC_CODECS[name]
+        if not codec.available:
+            log(f"{name}: this Pillow cannot write {codec.format}; left out")
+            continue
+        log(f"{name}: the qualities spanning {low:.3f} to {high:.3f} bpp")
+        rows += [Row(name, f"quality {point.quality}", {"psnr": point.psnr, "ms_ssim": point.ms_ssim, "bpp": point.bpp},
+                     macs=0, latency_ms=math.nan, stored_params=0, dense_params=dense_params)
+                 for point in codec.curve(evaluation.images, low, high)]
+    return rows
 
 
 def _measure_task(family: Family, task: str, trained: _Trained, evaluation: ImageSet, budget: Budget,
@@ -207,12 +262,12 @@ def _measure_task(family: Family, task: str, trained: _Trained, evaluation: Imag
     for shape, job in trained.png.items():
         compact, system = compacted[shape], _system(shape)
         error = check_compaction(compact, job.shared, (latency_input,))  # a mismatch ends the run, named
-        stage = next(s for s in job.stages if s.task == task)
-        rows.append(Row(system, task, family.evaluate(job.shared, task, evaluation), stage.cost.macs,
+        trained_task = next(r for r in job.task_results if r.task == task)
+        rows.append(Row(system, task, family.evaluate(job.shared, task, evaluation), trained_task.cost.macs,
                         ms[system], stored[system], dense_params,
                         compact_latency_ms=ms[system + "/compact"], compact_macs=count_macs(compact, cost_input),
                         compact_params=compact.parameter_count(), compact_max_error=error,
-                        extra={"density": stage.cost.density, "dense_macs": stage.cost.dense_macs,
+                        extra={"density": trained_task.cost.density, "dense_macs": trained_task.cost.dense_macs,
                                "compact_layers": ",".join(p.strategy for p in compact.plans)}))
     rows.append(Row("joint", task, family.evaluate(trained.joint, task, evaluation),  # type: ignore[arg-type]
                     count_macs(trained.joint, task, cost_input), ms["joint"], stored["joint"], dense_params))
@@ -225,24 +280,32 @@ def _summary(family: Family, rows: list[Row], stored: dict[str, int], dense_para
     for row in rows:
         by_system.setdefault(row.system, {})[row.task] = row
     anchor = by_system["separate"]
+    classic = {name: by_system[name] for name in CLASSIC_CODECS if name in by_system}
     systems = {}
     for system, tasks in by_system.items():
-        entry: dict[str, Any] = {
-            "stored_params": stored[system],
-            "stored_vs_one_dense": stored[system] / dense_params,
-            "train_seconds": timings[system],
-        }
-        if family.name == "nic":
-            for metric in ("psnr", "ms_ssim"):
-                curve = [(r.metrics["bpp"], _quality(r.metrics, metric)) for r in tasks.values()]
-                reference = [(r.metrics["bpp"], _quality(r.metrics, metric)) for r in anchor.values()]
-                entry[f"bd_rate_{metric}"] = bd_rate(reference, curve)
+        entry: dict[str, Any] = {}
+        if system in stored:  # a learned system (a classic codec stores no model)
+            entry.update(stored_params=stored[system], stored_vs_one_dense=stored[system] / dense_params,
+                         train_seconds=timings[system])
+        if isinstance(family, Codec):
+            entry.update(_bd_rates(tasks, anchor, classic))
         else:
             entry["psnr_delta"] = {t: tasks[t].metrics["psnr"] - anchor[t].metrics["psnr"] for t in tasks}
         if tasks[next(iter(tasks))].compact_latency_ms is not None:
             entry["compact_speedup"] = {t: anchor[t].latency_ms / r.compact_latency_ms for t, r in tasks.items()}
         systems[system] = entry
     return {"family": family.name, "dense_params": dense_params, "systems": systems}
+
+
+def _bd_rates(tasks: dict[str, Row], anchor: dict[str, Row], classic: dict[str, dict[str, Row]]) -> dict[str, float]:
+    """A codec's BD-rates: against the separate models in PSNR and MS-SSIM, and against each classic codec in PSNR."""
+    def curve(rows: dict[str, Row], metric: str = "psnr") -> list[tuple[float, float]]:
+        return [(r.metrics["bpp"], _quality(r.metrics, metric)) for r in rows.values()]
+
+    rates = {f"bd_rate_{metric}": bd_rate(curve(anchor, metric), curve(tasks, metric))
+             for metric in ("psnr", "ms_ssim")}
+    rates.update({f"bd_rate_psnr_vs_{name}": bd_rate(curve(points), curve(tasks)) for name, points in classic.items()})
+    return rates
 
 
 def _quality(metrics: dict[str, float], name: str) -> float:
@@ -252,9 +315,16 @@ def _quality(metrics: dict[str, float], name: str) -> float:
 
 
 def markdown(rows: list[Row], summary: dict[str, Any], header: str) -> str:
-    """The benchmark's two tables: per task, then per system."""
-    nic = summary["family"] == "nic"
-    lines = [header, "", "| system | task | PSNR dB | MS-SSIM | " + ("bpp | " if nic else "") +
+    """The benchmark's tables: per task of the learned systems, the classic codecs' points (if any), per system."""
+    nic = _codes(summary["family"])
+    learned = [r for r in rows if r.system not in CLASSIC_CODECS]
+    classic = [r for r in rows if r.system in CLASSIC_CODECS]
+    tables = [_task_table(learned, nic), *([_classic_table(classic)] if classic else []), _system_table(summary, nic)]
+    return "\n\n".join([header, *tables]) + "\n"
+
+
+def _task_table(rows: list[Row], nic: bool) -> str:
+    lines = ["| system | task | PSNR dB | MS-SSIM | " + ("bpp | " if nic else "") +
              "MACs (M) | latency ms | compacted ms | speedup vs separate | compacted MACs (M) | density |",
              "|---" * (10 + nic) + "|"]
     anchor = {r.task: r for r in rows if r.system == "separate"}
@@ -269,25 +339,49 @@ def markdown(rows: list[Row], summary: dict[str, Any], header: str) -> str:
                   "" if r.compact_macs is None else f"{r.compact_macs / 1e6:.1f}",
                   f"{r.extra['density']:.2f}" if "density" in r.extra else "1.00"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| system | stored params | vs one dense model | " +
-              ("BD-rate PSNR | BD-rate MS-SSIM |" if nic else "PSNR vs separate (dB) |") + " training s |",
-              "|---" * (5 + nic) + "|"]
-    for system, entry in summary["systems"].items():
+    return "\n".join(lines)
+
+
+def _classic_table(rows: list[Row]) -> str:
+    lines = ["| classic codec | setting | bpp | PSNR dB | MS-SSIM |", "|---|---|---|---|---|"]
+    lines += [f"| {r.system} | {r.task} | {r.metrics['bpp']:.3f} | {r.metrics['psnr']:.2f} | "
+              f"{r.metrics['ms_ssim']:.4f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _system_table(summary: dict[str, Any], nic: bool) -> str:
+    systems = summary["systems"]
+    versus = sorted({key.removeprefix("bd_rate_psnr_vs_") for entry in systems.values() for key in entry
+                     if key.startswith("bd_rate_psnr_vs_")})
+    head = ["system", "stored params", "vs one dense model",
+            *(["BD-rate PSNR", "BD-rate MS-SSIM", *(f"BD-rate vs {name}" for name in versus)] if nic
+              else ["PSNR vs separate (dB)"]), "training s"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for system, entry in systems.items():
         if nic:
-            quality = [_percent(entry["bd_rate_psnr"]), _percent(entry["bd_rate_ms_ssim"])]
+            quality = [_percent(entry["bd_rate_psnr"]), _percent(entry["bd_rate_ms_ssim"]),
+                       *(_percent(entry[f"bd_rate_psnr_vs_{name}"]) for name in versus)]
         else:
             quality = [" ".join(f"{t} {d:+.2f}" for t, d in entry["psnr_delta"].items())]
-        lines.append("| " + " | ".join([system, f"{entry['stored_params']:,}", f"{entry['stored_vs_one_dense']:.2f}x",
-                                         *quality, f"{entry['train_seconds']:.0f}"]) + " |")
-    return "\n".join(lines) + "\n"
+        stored = [f"{entry['stored_params']:,}", f"{entry['stored_vs_one_dense']:.2f}x"] if "stored_params" in entry \
+            else ["", ""]
+        trained = f"{entry['train_seconds']:.0f}" if "train_seconds" in entry else ""
+        lines.append("| " + " | ".join([system, *stored, *quality, trained]) + " |")
+    return "\n".join(lines)
 
 
 def _percent(value: float) -> str:
     return "n/a (no monotone overlap)" if math.isnan(value) else f"{value:+.1f}%"
 
 
+def _codes(family: str) -> bool:
+    """Whether the family named ``family`` entropy-codes images (a :class:`~pngrow.workers.models.Codec`): its tasks
+    are rates, compared by BD-rate on Kodak."""
+    return isinstance(get_family(family), Codec)
+
+
 def plot(rows: list[Row], family: str, path: Path) -> Path:
-    """NIC: rate-distortion curves (bpp against PSNR); SISR: PSNR per scale and system."""
+    """A codec family (NIC): rate-distortion curves (bpp against PSNR); else (SISR): PSNR per task and system."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +389,7 @@ def plot(rows: list[Row], family: str, path: Path) -> Path:
 
     systems = list(dict.fromkeys(r.system for r in rows))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if family == "nic":
+    if _codes(family):
         for system in systems:
             points = sorted((r.metrics["bpp"], r.metrics["psnr"]) for r in rows if r.system == system)
             ax.plot(*zip(*points), "o-", label=system)
@@ -342,29 +436,53 @@ def write_compressai_results(rows: list[Row], stem: Path, description: str) -> l
 
     paths = []
     for system in dict.fromkeys(r.system for r in rows):
-        rates = rate_order([RateFigures(r.task, lambda_of(r.task), {"psnr-rgb": r.metrics["psnr"],
-                                                                     "ms-ssim-rgb": r.metrics["ms_ssim"],
-                                                                     "bpp": r.metrics["bpp"]})
-                            for r in rows if r.system == system])
+        # in rate order: a learned codec's by lambda, a classic codec's (whose settings are no lambda) by bpp
+        order = (lambda r: r.metrics["bpp"]) if system in CLASSIC_CODECS else (lambda r: lambda_of(r.task))
+        figures = lambda r: {"psnr-rgb": r.metrics["psnr"], "ms-ssim-rgb": r.metrics["ms_ssim"],  # noqa: E731
+                             "bpp": r.metrics["bpp"]}
+        rates = rate_order([RateFigures(r.task, order(r), figures(r)) for r in rows if r.system == system])
         path = Path(f"{stem}-{system}.compressai.json")
         path.write_text(json.dumps(codec_results(system, description, rates), indent=2) + "\n")
         paths.append(path)
     return paths
 
 
+PUBLISHED = DATASETS.parent / "reference" / "compressai-kodak"  # CompressAI's own Kodak results
+
+
+def plot_beside_published(results: list[Path], path: Path) -> Path | None:
+    """Every system's curve drawn by CompressAI's own tool (``compressai.utils.plot``) beside CompressAI's
+    published scale hyperprior (eight separate models) and its variable-rate model, all on Kodak; None (and nothing
+    drawn) where the published results are not at hand."""
+    published = [PUBLISHED / "compressai-bmshj2018-hyperprior_mse_cpu.json",
+                 PUBLISHED / "bmshj2018-hyperprior-vbr-ans.json"]
+    if not all(p.is_file() for p in published):
+        return None
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "compressai.utils.plot", "-f", *map(str, results),
+                           *map(str, published), "-o", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"compressai.utils.plot failed: {done.stderr.strip().splitlines()[-1:]}")
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("family", choices=sorted({f for f, _ in BUDGETS}))
-    budget_group = parser.add_mutually_exclusive_group()
-    budget_group.add_argument("--quick", action="store_const", const="quick", dest="budget",
-                              help="the 2-CPU budget (about 20 minutes; the default)")
-    budget_group.add_argument("--full", action="store_const", const="full", dest="budget", help="the GPU budget")
+    parser.add_argument("--budget", default="quick",
+                        help="quick (2 CPU cores, about 20 minutes; the default), cpu (NIC: 2 CPU cores, "
+                             "about 2 hours, every codec past JPEG) or full (a GPU)")
+    parser.add_argument("--tasks", default=None,
+                        help="the tasks, comma separated, in training order (e.g. q1,q2,q3,q4)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--train", type=Path, default=DATASETS / "train", help="training image folder")
     parser.add_argument("--eval", type=Path, default=None,
                         help="evaluation folder (default: ../shared/datasets/kodak for nic, set5 for sisr)")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's steps per task")
     parser.add_argument("--batch-size", type=int, default=None, help="override the budget's batch size")
+    parser.add_argument("--base-steps", type=int, default=None,
+                        help="override the steps of the dense base model every learned system starts from (0: none)")
     parser.add_argument("--latency-size", type=int, default=None,
                         help="override the side of the square input latency is timed on")
     parser.add_argument("--latency-rounds", type=int, default=None, help="override how many rounds latency is timed")
@@ -386,15 +504,31 @@ def _declares_pairs(family_name: str, budget: Budget) -> bool:
 
 def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget:
     """The named budget with the command line's overrides, each checked (a bad one ends with one line)."""
-    budget = BUDGETS[(args.family, args.budget or "quick")]
+    if (args.family, args.budget) not in BUDGETS:
+        known = ", ".join(name for family, name in BUDGETS if family == args.family)
+        parser.error(f"--budget {args.budget!r} is not one of {args.family}'s budgets: {known}")
+    budget = BUDGETS[(args.family, args.budget)]
+    if args.tasks is not None:
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        try:
+            get_family(args.family, list(tasks), **budget.arch)
+        except ValueError as error:
+            parser.error(f"--tasks {args.tasks!r}: {error}")
+        if len(tasks) < 2 and _codes(args.family):
+            parser.error(f"--tasks {args.tasks!r}: a rate-distortion curve needs at least two rates")
+        budget = replace(budget, tasks=tasks)
     fields = ("steps", "batch_size", "latency_size", "latency_rounds")  # Budget fields of the same names
     require_at_least(parser, args, 1, *fields)
-    budget = replace(budget, **{name: getattr(args, name) for name in fields if getattr(args, name) is not None})
+    require_at_least(parser, args, 0, "base_steps")
+    if args.base_steps and not budget.base_task:
+        parser.error(f"--base-steps {args.base_steps}: the {args.budget} budget trains no base model (no base task)")
+    budget = replace(budget, **{name: getattr(args, name) for name in (*fields, "base_steps")
+                                if getattr(args, name) is not None})
     if args.block_shapes is not None:
         shapes = tuple(s.strip() for s in args.block_shapes.split(",") if s.strip())
         for shape in shapes:
             try:
-                paired = _stage_settings(budget, shape, args.seed).paired
+                paired = _task_settings(budget, shape, args.seed).paired
             except ValueError as error:
                 parser.error(f"--block-shapes {shape!r}: {error}")
             if paired and not _declares_pairs(args.family, budget):
@@ -409,40 +543,57 @@ def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget
     return budget
 
 
+def _images(parser: argparse.ArgumentParser, args: argparse.Namespace, budget: Budget) -> tuple[ImageSet, ImageSet]:
+    """The training images and the evaluation images (those at least one tile of the family's model in size: a
+    codec's 64x64; a folder with none is one line)."""
+    eval_folder = args.eval or DATASETS / ("kodak" if _codes(args.family) else "set5")
+    try:
+        train, evaluation = load_folder(args.train), load_folder(eval_folder)
+    except ValueError as error:
+        parser.error(f"{error} (--train/--eval name the image folders)")
+    side = get_family(args.family, list(budget.tasks), **budget.arch).size_multiple
+    fits = [i for i, image in enumerate(evaluation.images) if min(image.shape[1:]) >= side]
+    if not fits:
+        parser.error(f"evaluation folder {str(eval_folder)!r} has no image of at least {side}x{side} pixels, one tile "
+                     f"of the {args.family} model")
+    if len(fits) < len(evaluation):
+        evaluation = ImageSet(evaluation.source, *(tuple(seq[i] for i in fits) for seq in (evaluation.names,
+                                                                                           evaluation.images)))
+    return train, evaluation.limit(budget.eval_images)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench sisr --quick``: train and measure every system, write Parquet, Markdown and a PNG plot
-    (and, for NIC, each system's CompressAI results file)."""
+    """``python -m bench sisr --budget quick``: train and measure every system, write Parquet, Markdown, JSON and a
+    PNG plot (and, for a codec family, each system's CompressAI results file, plotted beside CompressAI's published
+    curves by CompressAI's own tool)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    budget_name = args.budget or "quick"
     budget = _budget(parser, args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here")
-    eval_folder = args.eval or DATASETS / ("kodak" if args.family == "nic" else "set5")
-    try:
-        train = load_folder(args.train)
-        evaluation = load_folder(eval_folder).limit(budget.eval_images)
-    except ValueError as error:
-        parser.error(f"{error} (--train/--eval name the image folders)")
+    train, evaluation = _images(parser, args, budget)
     start = time.perf_counter()
     rows, summary = run_benchmark(args.family, budget, train, evaluation, args.device, args.seed,
                                   log=lambda message: print(message, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{args.family}-{budget_name}"
+    stem = args.out / (f"{args.family}-{args.budget}" + ("" if args.seed == 0 else f"-seed{args.seed}"))
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"{args.family.upper()} benchmark, {budget_name} budget ({budget.steps} steps per task per system, "
+    base = f", all from a dense {budget.base_task} model of {budget.base_steps} steps" if budget.base_steps else ""
+    header = (f"{args.family.upper()} benchmark, {args.budget} budget ({budget.steps} steps per task per system{base}, "
               f"batch {budget.batch_size}, {budget.arch}, PnG reuse penalty {budget.reuse_penalty:g}), evaluated on "
-              f"{len(evaluation)} images of {evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min. "
-              f"Command: `{command}`")
+              f"{len(evaluation)} images of {evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min, "
+              f"seed {args.seed}. Command: `{command}`")
     import pandas as pd
 
     pd.DataFrame([r.flat() for r in rows]).to_parquet(stem.with_suffix(".parquet"), index=False)
     stem.with_suffix(".md").write_text(markdown(rows, summary, header))
     stem.with_suffix(".json").write_text(json.dumps({**summary, "budget": asdict(budget), "seconds": seconds,
-                                                    "machine": machine(args.device)}, indent=2))
+                                                    "machine": machine(args.device), "seed": args.seed}, indent=2))
     plot(rows, args.family, stem.with_suffix(".png"))
-    if args.family == "nic":
-        write_compressai_results(rows, stem, header)
+    if _codes(args.family):
+        results = write_compressai_results(rows, stem, header)
+        if Path(evaluation.source).name == "kodak":  # the published curves are on Kodak
+            plot_beside_published(results, Path(f"{stem}-beside-published.png"))
     print(stem.with_suffix(".md").read_text())
     return 0

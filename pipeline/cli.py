@@ -2,7 +2,8 @@
 
 ``pngrow run`` trains one shared model for a family's tasks by prune-and-grow on this machine and prints a table.
 ``pngrow search CONFIG`` runs a search on Ray with Optuna and MLflow; ``pngrow status`` lists searches;
-``pngrow promote`` registers a search's shared model in the MLflow Model Registry.
+``pngrow promote`` registers a search's shared model in the MLflow Model Registry; ``pngrow export`` writes each
+task's compacted model as ONNX graphs, checked in ONNX Runtime.
 
 Each command is a :class:`_Command` (as in Optuna's ``optuna/cli.py``): its name, its help, its options beside the
 handler that reads them, registered in :data:`_COMMANDS`. Heavy modules are imported inside the handlers, so
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from ..errors import SearchError, failure_line
+from ..workers.settings import PRECISIONS
 from . import names
 
 __all__ = ["USER_ERRORS", "build_parser", "format_table", "main"]
@@ -115,6 +117,9 @@ class _Run(_Command):
                  "a released inner channel is neither computed nor read and the compacted model is faster")
         for name in ("grow-steps", "prune-steps", "finetune-steps", "batch-size"):
             add(f"--{name}", type=int, help="family default when omitted")
+        add("--precision", choices=("native", *PRECISIONS),
+            help="float32 (default), bfloat16 (autocast), or native: bfloat16 where the device computes it in "
+                 "hardware (AVX-512 BF16 or AMX, a recent GPU), else float32")
         add("--lr", type=float, default=5e-4)
         add("--selection-lr", type=float, default=1e-3)
         add("--data", help="folder of training images (default: scikit-image's bundled photos)")
@@ -130,27 +135,31 @@ class _Run(_Command):
 
     @staticmethod
     def _settings(args: argparse.Namespace, family: Any) -> list[Any]:
-        """One :class:`StageSettings` per task from the options (the family's training budget by default)."""
-        from ..workers.training import StageSettings
+        """One :class:`~pngrow.workers.settings.TaskSettings` per task from the options (the family's training budget
+        by default)."""
+        from ..workers.settings import TaskSettings, native_precision
 
         tasks = family.tasks
         budget = dict(family.train_defaults)
-        for key in ("grow_steps", "prune_steps", "finetune_steps", "batch_size"):
+        for key in ("grow_steps", "prune_steps", "finetune_steps", "batch_size", "precision"):
             if getattr(args, key) is not None:
                 budget[key] = getattr(args, key)
+        if budget.get("precision") == "native":
+            budget["precision"] = native_precision(args.device)
         shapes = _per_task(_split(args.block_shape), tasks, "--block-shape")
         ratios = [_float(r, "--prune") for r in _per_task(_split(args.prune), tasks, "--prune")]
         common = {"reuse": args.reuse, "lr": args.lr, "selection_lr": args.selection_lr,
                   "reuse_penalty": args.reuse_penalty, "prune_scope": args.prune_scope,
                   "paired": args.paired, "seed": args.seed, **budget}
-        return [StageSettings(block_shape=shape, prune_ratio=ratio, **common) for shape, ratio in zip(shapes, ratios)]
+        return [TaskSettings(block_shape=shape, prune_ratio=ratio, **common) for shape, ratio in zip(shapes, ratios)]
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
 
         from .._progress import progress_bar
+        from ..workers.classic_codecs import psnr_at_rates
         from ..workers.data import default_images, load_folder
-        from ..workers.models import get_family
+        from ..workers.models import Codec, get_family
         from ..workers.png import save_shared
         from ..workers.training import train_shared
         from .api import check_device
@@ -177,6 +186,10 @@ class _Run(_Command):
             result = train_shared(family, settings, train, evaluation, log=log, device=args.device, initial=initial,
                                   on_step=on_step)
         report = result.as_dict()
+        if isinstance(family, Codec):  # what the same bits buy with JPEG, on the same images
+            jpeg = psnr_at_rates("jpeg", evaluation.images, {t["name"]: t["metrics"]["bpp"] for t in report["tasks"]})
+            for task in report["tasks"]:
+                task["jpeg_psnr"] = jpeg[task["name"]]
         print(format_table(report))
         if args.json:
             _write_json(args.json, report)
@@ -201,11 +214,14 @@ def _read_state_dict(path: str) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     """The per-task table that ``pngrow run`` prints, from its JSON report."""
     metric_names = list(report["tasks"][0]["metrics"])
-    header = ["task", *metric_names, "density", "active params", f"GMACs@{report['macs_input'][-1]}px", "dense GMACs"]
+    jpeg = ["jpeg_psnr"] if "jpeg_psnr" in report["tasks"][0] else []  # a codec's: JPEG's PSNR at the task's bpp
+    header = ["task", *metric_names, *jpeg, "density", "active params", f"GMACs@{report['macs_input'][-1]}px",
+              "dense GMACs"]
     rows = [header]
     for task in report["tasks"]:
-        rows.append([task["name"], *(f"{task['metrics'][m]:.3f}" for m in metric_names), f"{task['density']:.3f}",
-                     f"{task['active_params']:,}", f"{task['macs'] / 1e9:.3f}", f"{task['dense_macs'] / 1e9:.3f}"])
+        rows.append([task["name"], *(f"{task['metrics'][m]:.3f}" for m in metric_names),
+                     *(f"{task[key]:.3f}" for key in jpeg), f"{task['density']:.3f}", f"{task['active_params']:,}",
+                     f"{task['macs'] / 1e9:.3f}", f"{task['dense_macs'] / 1e9:.3f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -344,12 +360,13 @@ class _Grow(_Command):
     def run(self, args: argparse.Namespace) -> int:
         from .registry import promote
         from .tracking import Tracking
+        from .uris import parse_model_uri
 
-        name = args.name
+        name, base = args.name, parse_model_uri(args.base)
         if name is None:
-            if not args.base.startswith("models:/"):
+            if base is None:
                 raise ValueError(f"--name is needed to register a model grown from {args.base!r}")
-            name = args.base.removeprefix("models:/").partition("@")[0].partition("/")[0]
+            name = base.name
         config = _search_config(args, args.config, family=self._base_family(args), tasks=list(args.tasks), arch={},
                                 base_model=args.base, name=f"grow {','.join(args.tasks)} into {args.base}")
         result = _drive_search(args, config)
@@ -408,14 +425,18 @@ class _Promote(_Command):
         parser.add_argument("--name", required=True, help="registered model name")
         parser.add_argument("--alias", default="champion",
                             help="alias to point at the new version (default champion)")
+        parser.add_argument("--onnx", action="store_true",
+                            help="also export every task as ONNX (pngrow export) and attach it to the version")
         _tracking_options(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from .registry import promote
 
-        version = promote(_open_tracking(args), args.run, args.name, args.alias)
+        version = promote(_open_tracking(args), args.run, args.name, args.alias, onnx=args.onnx)
         print(f"registered {args.name} version {version.version} from run {version.run_id}; "
               f"load it as models:/{args.name}@{args.alias}")
+        if args.onnx:
+            print(f"its tasks as ONNX: {version.tags[names.ONNX]}")
         return 0
 
 
@@ -475,7 +496,8 @@ class _Restore(_Command):
     @staticmethod
     def load(args: argparse.Namespace) -> Any:
         """The :class:`~pngrow.pipeline.api.RestorationModel` that ``--model`` names, on ``--device``."""
-        from .api import is_mlflow_uri, load_shared_model
+        from .api import load_shared_model
+        from .uris import is_mlflow_uri
         from .config import tracking_uri
 
         return load_shared_model(args.model, tracking_uri(args.tracking_uri) if is_mlflow_uri(args.model) else None,
@@ -570,7 +592,8 @@ class _Eval(_Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from ..workers.data import load_folder
-        from .api import check_device, is_mlflow_uri, load_shared_model
+        from .api import check_device, load_shared_model
+        from .uris import is_mlflow_uri
         from .config import tracking_uri
         from .evaluate import evaluate
 
@@ -586,9 +609,36 @@ class _Eval(_Command):
         return 0
 
 
+# --- deployment: export ------------------------------------------------------------------------------------------
+class _Export(_Command):
+    name = "export"
+    help = "export each task's compacted model as ONNX, checked in ONNX Runtime"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", metavar="MODEL", help="a model folder, or models:/NAME@ALIAS, runs:/RUN/...")
+        parser.add_argument("--task", action="append", default=[],
+                            help="a task to export (repeatable; default: every task)")
+        parser.add_argument("--out", required=True, help="folder to write each task's folder into")
+        parser.add_argument("--opset", type=int, help="ONNX opset (default 18, which ONNX Runtime, OpenVINO and "
+                                                      "TensorRT all run)")
+        parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default as for compress)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .config import tracking_uri
+        from .export import export_model
+        from .uris import is_mlflow_uri
+
+        uri = tracking_uri(args.tracking_uri) if is_mlflow_uri(args.model) else None
+        for exported in export_model(args.model, args.out, args.task or None, args.opset, uri):
+            worst = max(exported.max_difference.values())
+            print(f"{exported.folder}: {', '.join(exported.graphs.values())} (largest difference from PyTorch in "
+                  f"ONNX Runtime {worst:.1e})")
+        return 0
+
+
 # --- the parser and main -------------------------------------------------------------------------------------------
 _COMMANDS: tuple[_Command, ...] = (_Run(), _Search(), _Resume(), _Status(), _Promote(), _Grow(), _Report(),
-                                   _Compress(), _Decompress(), _Upscale(), _Eval())
+                                   _Compress(), _Decompress(), _Upscale(), _Eval(), _Export())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Train one prune-and-grow stage (one task), and a whole job of stages in task order."""
+"""Train one task into a shared network by prune-and-grow (:func:`train_task`), and a whole job of tasks in order
+(:func:`train_shared`). A search runs :func:`train_task` once per trial, on a Ray worker."""
 
 from __future__ import annotations
 
@@ -9,80 +10,32 @@ from typing import Any, Callable
 
 import torch
 
+from .._progress import Log
 from .data import ImageSet, PatchSampler
 from .models import Family
-from .png import PRUNE_SCOPES, ModelCost, SharedNetwork, TaskCost, model_cost, parse_block_shape, task_cost
+from .png import ModelCost, SharedNetwork, TaskCost, model_cost, task_cost
+from .settings import TaskSettings
 
-__all__ = ["DriftError", "JobResult", "Optimisers", "Rung", "StageResult", "StageSettings", "StoppedEarly",
-           "prune_schedule", "run_stage", "train_shared"]
+__all__ = ["DriftError", "JobResult", "Optimisers", "RungHook", "StoppedEarly", "TaskResult", "prune_schedule", "training_loss",
+           "train_shared", "train_task"]
 
-Log = Callable[[str], None]
-Rung = Callable[[int, dict[str, float]], bool]  # (step, the task's metrics then) -> whether the stage goes on
-
-
-@dataclass(frozen=True)
-class StageSettings:
-    """How one task is grown, pruned and fine-tuned.
-
-    ``grow_steps`` train the free blocks (and learn the selection of earlier ones); ``prune_steps`` keep training
-    while the task's blocks are released on CPG's cubic schedule up to ``prune_ratio``; ``finetune_steps`` train the
-    kept blocks with every mask fixed. ``reuse_penalty`` weighs the fraction of earlier blocks selected.
-    ``prune_scope`` says which blocks pruning releases: ``own`` (the task's new blocks; PackNet and CPG) or ``active``
-    (its reused earlier blocks compete too, so every task computes with at most ``1 - prune_ratio`` of the blocks it
-    could use and frees whole channels when blocks span a layer's inputs: the compacted task is faster).
-    ``paired`` prunes only the channel pairs the family declares (SISR: the two convolutions of each residual block),
-    and the task's head in the active scope: an inner channel is released from both layers at once, so the compacted
-    task neither computes nor reads it, and the residual stream keeps every channel. Pairs are pruned by as many
-    channels as ``block_shape`` has outputs.
-    """
-
-    block_shape: tuple[int, int] = (4, 4)
-    prune_ratio: float = 0.5
-    reuse: str = "learned"
-    grow_steps: int = 300
-    prune_steps: int = 100
-    finetune_steps: int = 100
-    batch_size: int = 8
-    lr: float = 5e-4
-    selection_lr: float = 1e-3
-    reuse_penalty: float = 0.0
-    prune_scope: str = "own"
-    paired: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "block_shape", parse_block_shape(self.block_shape))
-        if not 0.0 <= self.prune_ratio < 1.0:
-            raise ValueError(f"prune ratio {self.prune_ratio!r} is outside [0, 1)")
-        for name in ("grow_steps", "prune_steps", "finetune_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} {getattr(self, name)!r} is negative")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
-        if self.prune_scope not in PRUNE_SCOPES:
-            raise ValueError(f"prune scope {self.prune_scope!r} is not one of {', '.join(PRUNE_SCOPES)}")
-        if not isinstance(self.paired, bool):
-            raise ValueError(f"paired {self.paired!r} is not true or false")
-        if not (self.lr > 0 and self.selection_lr > 0):
-            raise ValueError(f"learning rates must be positive (lr {self.lr!r}, selection_lr {self.selection_lr!r})")
-
-    @property
-    def total_steps(self) -> int:
-        """Steps of the whole stage: grow, prune and fine-tune."""
-        return self.grow_steps + self.prune_steps + self.finetune_steps
+# Called when a task's growing ends: (step, the task's evaluation metrics then) -> whether its training goes on.
+# Early stopping (:mod:`pngrow.pipeline.early_stopping`) passes one that asks the stage's rung.
+RungHook = Callable[[int, dict[str, float]], bool]
 
 
 @dataclass
-class StageResult:
-    """What one stage produced: the task's metrics and cost right after commit, its time and loss curve."""
+class TaskResult:
+    """What training one task produced: its metrics and cost right after commit, its time and loss curve."""
 
     task: str
-    settings: StageSettings
+    settings: TaskSettings
     metrics: dict[str, float]
     cost: TaskCost
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
     step_seconds: float = 0.0  # of ``seconds``, those in gradient steps (not callbacks, evaluations or the commit)
+    eval_seconds: float = 0.0  # of ``seconds``, those evaluating the committed task on the evaluation images
 
 
 @dataclass
@@ -91,9 +44,9 @@ class Optimisers:
     each phase (a length in steps), and Adam at 1e-3 on auxiliary parameters (CompressAI's entropy-bottleneck
     quantiles) with their own loss.
 
-    A PnG stage has two phases, growing, then pruning with fine-tuning: without the restart, the blocks that survive
-    pruning would recover at under a tenth of the learning rate (0.13 to 0.27 dB lower PSNR on SISR x2 at the quick
-    budget, measured with 4x4 and 8x1024 blocks).
+    A task's training has two phases, growing, then pruning with fine-tuning: without the restart, the blocks that
+    survive pruning would recover at under a tenth of the learning rate (0.13 to 0.27 dB lower PSNR on SISR x2 at the
+    quick budget, measured with 4x4 and 8x1024 blocks).
 
     >>> [round(f, 2) for f in Optimisers.factors((2, 2))]
     [1.0, 0.5, 1.0, 0.5]
@@ -142,7 +95,7 @@ def prune_schedule(ratio: float, steps: int, events: int = 10) -> dict[int, floa
     return {(k - 1) * interval: ratio * (1 - (1 - k / events) ** 3) for k in range(1, events + 1)}
 
 
-def _stage_optimisers(shared: SharedNetwork, family: Family, settings: StageSettings) -> Optimisers:
+def _task_optimisers(shared: SharedNetwork, family: Family, settings: TaskSettings) -> Optimisers:
     """The optimisers of the task in progress: its weights at ``lr``, its selection at ``selection_lr``, the
     family's auxiliary parameters by their own; the cosine restarts when pruning starts."""
     groups = shared.trainable_parameters()
@@ -156,7 +109,7 @@ def _stage_optimisers(shared: SharedNetwork, family: Family, settings: StageSett
 
 
 class StoppedEarly(Exception):
-    """A stage that its rung stopped when growing ended: the task, the step and the task's metrics then."""
+    """A task's training that its rung stopped when growing ended: the task, the step and its metrics then."""
 
     def __init__(self, task: str, step: int, metrics: dict[str, float]) -> None:
         super().__init__(task, step, metrics)
@@ -166,30 +119,30 @@ class StoppedEarly(Exception):
         return f"task {self.task!r} was stopped early at step {self.step}"
 
 
-def run_stage(
+def train_task(
     shared: SharedNetwork,
     family: Family,
     task: str,
-    settings: StageSettings,
+    settings: TaskSettings,
     sampler: PatchSampler,
     eval_images: ImageSet,
     log: Log = print,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    at_rung: Rung | None = None,
-) -> StageResult:
+    at_rung: RungHook | None = None,
+) -> TaskResult:
     """Grow ``task`` into ``shared``, prune it, fine-tune it, commit it, then evaluate and cost it.
 
     The task is always pruned to ``prune_ratio`` before it is committed: with no prune and no fine-tune steps, once
     after the last growing step (untuned). ``on_step(step, figures)`` is called with the training figures about
-    ten times per stage. ``at_rung(step, metrics)`` is called once when growing ends, before pruning starts (in a
-    stage that has steps both before and after that point), with the task's evaluation metrics then; when it
-    returns False the stage stops there with :class:`StoppedEarly`, leaving the task uncommitted.
+    ten times per task. ``at_rung(step, metrics)`` is called once when growing ends, before pruning starts (in a
+    training that has steps both before and after that point), with the task's evaluation metrics then; when it
+    returns False the training stops there with :class:`StoppedEarly`, leaving the task uncommitted.
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     shared.train()
-    shared.begin_task(task, settings.block_shape, settings.reuse, paired=settings.paired)  # type: ignore[arg-type]
-    optimisers = _stage_optimisers(shared, family, settings)
+    _begin(shared, task, settings)
+    optimisers = _task_optimisers(shared, family, settings)
     schedule = prune_schedule(settings.prune_ratio, settings.prune_steps)
     patch = family.patch_size(task)
     history: list[dict[str, float]] = []
@@ -205,7 +158,7 @@ def run_stage(
         if (step - settings.grow_steps) in schedule:
             shared.prune(schedule[step - settings.grow_steps], settings.prune_scope)  # type: ignore[arg-type]
             pruned = True
-        loss, figures = family.loss(shared, task, sampler.sample(settings.batch_size, patch).to(shared.device))
+        loss, figures = training_loss(shared, family, task, settings, sampler.sample(settings.batch_size, patch))
         figures["lr"] = optimisers.main.param_groups[0]["lr"]
         if settings.reuse_penalty and step < settings.grow_steps:
             loss = loss + settings.reuse_penalty * shared.selection_density()
@@ -218,10 +171,30 @@ def run_stage(
     if not pruned:  # no prune or fine-tune step ran the schedule
         shared.fix_selection()
         shared.prune(settings.prune_ratio, settings.prune_scope)  # type: ignore[arg-type]
+    committing = time.perf_counter()
     metrics, cost = _commit_task(shared, family, task, eval_images)
     seconds = time.perf_counter() - start
     log(f"[{task}] committed in {seconds:.1f} s: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return StageResult(task, settings, metrics, cost, seconds, history, step_seconds)
+    return TaskResult(task, settings, metrics, cost, seconds, history, step_seconds,
+                      time.perf_counter() - committing)
+
+
+def _begin(shared: SharedNetwork, task: str, settings: TaskSettings) -> None:
+    """Open ``task``'s blocks in ``shared`` (released blocks fresh or as trained) in the memory order it trains in."""
+    shared.begin_task(task, settings.block_shape, settings.reuse, None if settings.grow_from == "fresh" else False,
+                      settings.paired)  # type: ignore[arg-type]
+    if settings.channels_last:
+        shared.model.to(memory_format=torch.channels_last)
+
+
+def training_loss(shared: SharedNetwork, family: Family, task: str, settings: TaskSettings,
+          batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The family's training loss on a batch of clean patches (moved to ``shared``'s device), in the settings'
+    precision and memory order; the loss is float32."""
+    batch = batch.to(shared.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
+    with torch.autocast(shared.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"):
+        loss, figures = family.loss(shared, task, batch)
+    return loss.float(), figures
 
 
 def _report_step(history: list[dict[str, float]], task: str, step: int, total: int, figures: dict[str, float],
@@ -236,8 +209,8 @@ def _report_step(history: list[dict[str, float]], task: str, step: int, total: i
 
 
 def _end_growing(shared: SharedNetwork, family: Family, task: str, eval_images: ImageSet, step: int,
-                 at_rung: Rung | None) -> None:
-    """Ask ``at_rung`` (after at least one growing step) whether the stage goes on, then fix the selection."""
+                 at_rung: RungHook | None) -> None:
+    """Ask ``at_rung`` (after at least one growing step) whether the training goes on, then fix the selection."""
     if at_rung is not None and step > 0:
         metrics = _evaluate_in_progress(shared, family, task, eval_images)
         if not at_rung(step, metrics):
@@ -269,11 +242,11 @@ def _commit_task(shared: SharedNetwork, family: Family, task: str, eval_images: 
 
 @dataclass
 class JobResult:
-    """A whole prune-and-grow job: the shared network, its stages and every task's final figures."""
+    """A whole prune-and-grow job: the shared network, what training each task produced, every task's final figures."""
 
     family: Family
     shared: SharedNetwork
-    stages: list[StageResult]
+    task_results: list[TaskResult]
     final_metrics: dict[str, dict[str, float]]
     model: ModelCost
     seconds: float
@@ -281,18 +254,19 @@ class JobResult:
     def as_dict(self) -> dict[str, Any]:
         """The output contract of ``pngrow run --json``."""
         tasks = []
-        for stage in self.stages:
+        for result in self.task_results:
             tasks.append(
                 {
-                    "name": stage.task,
-                    "metrics": self.final_metrics[stage.task],
-                    "density": stage.cost.density,
-                    "active_params": stage.cost.active_params,
-                    "macs": stage.cost.macs,
-                    "dense_macs": stage.cost.dense_macs,
-                    "block_shape": list(stage.settings.block_shape),
-                    "prune_ratio": stage.settings.prune_ratio,
-                    "stage_seconds": stage.seconds,
+                    "name": result.task,
+                    "metrics": self.final_metrics[result.task],
+                    "density": result.cost.density,
+                    "active_params": result.cost.active_params,
+                    "macs": result.cost.macs,
+                    "dense_macs": result.cost.dense_macs,
+                    "block_shape": list(result.settings.block_shape),
+                    "prune_ratio": result.settings.prune_ratio,
+                    "precision": result.settings.precision,
+                    "stage_seconds": result.seconds,
                 }
             )
         return {
@@ -311,19 +285,19 @@ class DriftError(RuntimeError):
     """A committed task whose metrics changed after later tasks were grown: a defect of the PnG core."""
 
 
-def _check_unchanged(stage: StageResult, final: dict[str, float]) -> None:
-    """Raise :class:`DriftError` naming the first metric of ``stage``'s task that differs at the end of the job."""
-    for name in sorted(set(stage.metrics) | set(final)):
-        before, after = stage.metrics.get(name), final.get(name)
+def _check_unchanged(result: TaskResult, final: dict[str, float]) -> None:
+    """Raise :class:`DriftError` naming the first metric of ``result``'s task that differs at the end of the job."""
+    for name in sorted(set(result.metrics) | set(final)):
+        before, after = result.metrics.get(name), final.get(name)
         both_nan = isinstance(before, float) and isinstance(after, float) and math.isnan(before) and math.isnan(after)
         if before != after and not both_nan:
-            raise DriftError(f"task {stage.task!r} changed after later tasks were added: {name} was {before!r} at "
+            raise DriftError(f"task {result.task!r} changed after later tasks were added: {name} was {before!r} at "
                              f"commit, {after!r} at the end")
 
 
 def train_shared(
     family: Family,
-    settings: list[StageSettings],
+    settings: list[TaskSettings],
     train_images: ImageSet,
     eval_images: ImageSet,
     log: Log = print,
@@ -331,29 +305,30 @@ def train_shared(
     initial: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[str, int, dict[str, float]], None] | None = None,
 ) -> JobResult:
-    """Run one stage per task of ``family`` in order, then evaluate every task on the final shared network.
+    """Train each task of ``family`` in order (:func:`train_task`), then evaluate every task on the final shared
+    network.
 
     Task 1 starts from ``initial`` (a dense state dict of the family's model) when given, else from scratch.
-    ``on_step(task, step, figures)`` is called about ten times per stage.
+    ``on_step(task, step, figures)`` is called about ten times per task.
 
     Raises :class:`DriftError` if an earlier task's metrics changed after later tasks were added (they cannot,
     by construction; this is the end-to-end check of that guarantee, kept under ``python -O``).
     """
     if len(settings) != len(family.tasks):
-        raise ValueError(f"{len(settings)} stage settings for {len(family.tasks)} tasks")
+        raise ValueError(f"{len(settings)} task settings for {len(family.tasks)} tasks")
     start = time.perf_counter()
     sampler = PatchSampler(train_images, max(family.patch_size(t) for t in family.tasks), seed=settings[0].seed)
     if sampler.skipped:
         log(f"left out {len(sampler.skipped)} training images smaller than the patch: {', '.join(sampler.skipped)}")
     torch.manual_seed(settings[0].seed)  # the model's initialisation is part of what a seed reproduces
     shared = family.build_shared(initial).to(device)
-    stages = [
-        run_stage(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log,
-                  None if on_step is None else lambda step, figures, task=task: on_step(task, step, figures))
+    results = [
+        train_task(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log,
+                   None if on_step is None else lambda step, figures, task=task: on_step(task, step, figures))
         for i, (task, s) in enumerate(zip(family.tasks, settings))
     ]
     final = {task: family.evaluate(shared, task, eval_images) for task in family.tasks}
-    for stage in stages:
-        _check_unchanged(stage, final[stage.task])
-    return JobResult(family, shared, stages, final, model_cost(shared), time.perf_counter() - start)
+    for result in results:
+        _check_unchanged(result, final[result.task])
+    return JobResult(family, shared, results, final, model_cost(shared), time.perf_counter() - start)
 

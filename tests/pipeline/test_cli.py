@@ -37,6 +37,7 @@ def test_run_writes_the_output_contract_and_the_model(image_folder: Path, tmp_pa
         assert {"name", "metrics", "density", "active_params", "macs"} <= set(task)
         assert "psnr" in task["metrics"]
     assert data["tasks"][1]["block_shape"] == [2, 2] and data["tasks"][1]["prune_ratio"] == 0.25
+    assert {t["precision"] for t in data["tasks"]} == {"float32"}  # SISR's default, whatever the CPU
     assert data["stored_params"] == data["model"]["stored_params"] < data["independent_params"]
     table = capsys.readouterr().out
     assert "x3" in table and "separate dense models" in table
@@ -54,6 +55,12 @@ def test_run_nic_reports_bpp(image_folder: Path, tmp_path: Path) -> None:
     assert main(args) == 0
     tasks = json.loads(report.read_text())["tasks"]
     assert [t["name"] for t in tasks] == ["q5", "q1"] and all(t["metrics"]["bpp"] > 0 for t in tasks)
+    assert {t["precision"] for t in tasks} == {"float32"}
+    # --precision native: bfloat16 where this CPU computes it in hardware (its flags), else float32.
+    with open("/proc/cpuinfo") as cpuinfo:
+        native = any(flag in cpuinfo.read().split() for flag in ("avx512_bf16", "amx_bf16"))
+    assert main([*args, "--precision", "native"]) == 0
+    assert {t["precision"] for t in json.loads(report.read_text())["tasks"]} == {"bfloat16" if native else "float32"}
 
 
 @pytest.mark.parametrize(

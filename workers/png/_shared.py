@@ -311,14 +311,16 @@ class SharedLayer(nn.Module):
             self.scores = None
 
     def commit(self, index: int, task: TaskRecord) -> None:
-        """Task ``index`` owns its kept free channel pairs, their weights are written, its growth dropped."""
+        """Task ``index`` owns its kept free channel pairs, their weights are written, its growth dropped. The free
+        pairs it released keep the values it had trained them to (no task computes with them), which a later task
+        may grow from (``begin_task(..., reinit=False)``)."""
         assert self.growth is not None
         self.fix_selection(index)
         own = self.own_plane(index, task)
         with torch.no_grad():
+            grown = self.to_weight(self.owner == FREE)  # kept or released, every free pair was this task's to train
             self.owner[own] = index
-            owned = self.to_weight(self.owned())
-            self.weight.copy_(torch.where(self.to_weight(own), self.growth.detach(), self.weight) * owned)
+            self.weight.copy_(torch.where(grown, self.growth.detach(), self.weight))
         self.growth = None
         self._active_cache.pop(index, None)
 
@@ -416,7 +418,8 @@ class SharedNetwork(nn.Module):
         self, name: str, block_shape: tuple[int, int] | str = (4, 4), reuse: Reuse = "learned",
         reinit: bool | None = None, paired: bool = False,
     ) -> None:
-        """Start growing task ``name`` into the free blocks (re-initialised unless it is the first task).
+        """Start growing task ``name`` into the free blocks: re-initialised (``reinit``; by default unless it is the
+        first task), or from the values they hold (an earlier task's training, up to when it released them).
 
         ``paired``: the task prunes only the network's ``channel_pairs`` (and, in the active scope, its own head),
         each by channels, as many as its blocks have outputs, released from the producer's outputs and the consumer's
