@@ -7,10 +7,12 @@ import re
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bitstream import LatentIndexes
 from ..data import ImageSet
 from ..metrics import ms_ssim, psnr, quantize
 from ..png import SharedNetwork
@@ -116,11 +118,37 @@ class NICFamily(Family, Codec):
         padded = F.pad(image, (0, -w % _STRIDE, 0, -h % _STRIDE), mode="replicate")
         return shared.model.compress(padded)
 
-    def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
-        """Decode what :meth:`compress` returned with ``task``'s entropy model, cropped to ``size`` (H, W)."""
+    def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any], size: tuple[int, int],
+                   indexes: np.ndarray | None = None) -> torch.Tensor:
+        """Decode what :meth:`compress` returned with ``task``'s entropy model, cropped to ``size`` (H, W): as
+        CompressAI's ``decompress``, the latent with ``indexes`` where given."""
+        if indexes is None:
+            shared.activate(task)
+            return shared.model.decompress(coded["strings"], coded["shape"])["x_hat"][..., : size[0], : size[1]]
+        model, scales, means = self._hyper_decode(shared, task, coded)
+        chosen = torch.from_numpy(indexes).to(scales.device)
+        y_hat = model.gaussian_conditional.decompress(coded["strings"][0], chosen, scales.dtype, means)
+        return model.g_s(y_hat).clamp_(0, 1)[..., : size[0], : size[1]]
+
+    def coding_indexes(self, shared: SharedNetwork, task: str, coded: dict[str, Any]) -> LatentIndexes:
+        """The scales the hyper-synthesis makes of ``coded``'s hyper-latent, the Gaussian conditional's boundaries
+        and its indexes of those scales (see :meth:`Codec.coding_indexes`)."""
+        model, scales, _ = self._hyper_decode(shared, task, coded)
+        indexes = model.gaussian_conditional.build_indexes(scales)
+        return LatentIndexes(scales.cpu().numpy(), model.gaussian_conditional.scale_table[:-1].cpu().numpy(),
+                             indexes.cpu().numpy())
+
+    def _hyper_decode(self, shared: SharedNetwork, task: str,
+                      coded: dict[str, Any]) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        """``task``'s model, and the latent's scales (before their lower bound) and means (None for the scale
+        hyperprior) that its hyper-synthesis makes of ``coded``'s hyper-latent."""
         shared.activate(task)
-        x_hat = shared.model.decompress(coded["strings"], coded["shape"])["x_hat"]
-        return x_hat[..., : size[0], : size[1]]
+        model = shared.model
+        params = model.h_s(model.entropy_bottleneck.decompress(coded["strings"][1], coded["shape"]))
+        if self.arch["codec"] == "mean-scale-hyperprior":
+            scales, means = params.chunk(2, 1)
+            return model, scales, means
+        return model, params, None
 
     @torch.no_grad()
     def restore(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
