@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -226,8 +225,3 @@ def test_the_device_setting_is_read_and_recorded(tmp_path: Path) -> None:
     assert (config.ray.device, config.ray.address) == ("cpu", "local")
     assert load_config(tmp_path / "s.yaml", {"ray": {}}).ray.device == "auto"
     assert flat_params(SearchConfig(family="sisr", tasks=["x2"]))["ray.device"] == "auto"
-
-
-def test_nothing_listens_on_a_fresh_free_port() -> None:
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", _dead_port())) != 0

@@ -20,8 +20,7 @@ from pngrow.pipeline import names
 from pngrow.pipeline.cli import main
 from pngrow.pipeline.cluster import Cluster, ask_actor
 from pngrow.pipeline.config import EarlyStopping, RayOptions, flat_params, load_config
-from pngrow.pipeline.early_stopping import Rung, Verdict, rung_rule
-from pngrow.pipeline.trial import RungReport, TrialStopped
+from pngrow.pipeline.early_stopping import Rung, RungReport, TrialStopped, Verdict, rung_rule
 
 REASON = re.compile(r"^psnr [\d.]+ at step 30 is below the rung's best 50% \(cut-off [\d.]+ over \d trials\)$")
 
@@ -42,9 +41,10 @@ def test_the_rung_keeps_the_best_fraction_of_what_it_has_seen_in_the_quality_dir
 
 def test_a_rung_judges_each_report_against_every_one_before_it() -> None:
     rung = Rung("rd_loss", False, EarlyStopping(keep=0.5, min_trials=3), {"old": 10.0})
-    assert rung.report("a", 250, {"rd_loss": 20.0, "psnr": 30.0}) == Verdict(True)  # 2 values < min_trials
+    assert rung.report("a", 250, {"rd_loss": 20.0, "psnr": 30.0}) == Verdict(proceed=True)  # 2 values < min_trials
     stopped = rung.report("b", 250, {"rd_loss": 15.0})
-    assert stopped == Verdict(False, "rd_loss 15 at step 250 is above the rung's best 50% (cut-off 10 over 3 trials)")
+    assert stopped == Verdict(proceed=False,
+                              reason="rd_loss 15 at step 250 is above the rung's best 50% (cut-off 10 over 3 trials)")
     assert rung.report("a", 250, {"rd_loss": 9.0}).proceed and len(rung.values) == 3  # a rerun replaces its value
 
 
@@ -72,18 +72,18 @@ def test_the_early_stopping_budget_is_read_and_checked(tmp_path: Path) -> None:
 
 
 def test_a_stopped_trial_crosses_process_boundaries_whole() -> None:
-    stop = pickle.loads(pickle.dumps(TrialStopped(RungReport(30, {"psnr": 27.5}), "psnr 27.5 at step 30 is below",
-                                                  (1.0, 2.0))))
-    assert (stop.rung, stop.reason, stop.interval) == (RungReport(30, {"psnr": 27.5}), "psnr 27.5 at step 30 is below",
-                                                       (1.0, 2.0))
+    report = RungReport(step=30, metrics={"psnr": 27.5})
+    stop = pickle.loads(pickle.dumps(TrialStopped(report, "psnr 27.5 at step 30 is below", (1.0, 2.0))))
+    assert (stop.rung, stop.reason, stop.interval) == (RungReport(step=30, metrics={"psnr": 27.5}),
+                                                       "psnr 27.5 at step 30 is below", (1.0, 2.0))
     assert str(stop) == "psnr 27.5 at step 30 is below"
 
 
-def test_the_rung_actor_answers_workers_and_a_gone_one_is_one_line() -> None:
+def test_the_rung_actor_answers_workers_and_a_gone_one_is_one_line(joined_ray) -> None:
     cluster = Cluster(RayOptions(num_cpus=1))
     try:
         rung = cluster.actor(Rung, "psnr", True, EarlyStopping(), {"a": 30.0})
-        assert ask_actor(rung, "report", "b", 30, {"psnr": 31.0}) == Verdict(True)
+        assert ask_actor(rung, "report", "b", 30, {"psnr": 31.0}) == Verdict(proceed=True)
         cluster.end_actor(rung)
         cluster.end_actor(rung)  # twice is fine
         # Ray kills an actor asynchronously: a call sent at once may still be answered, so ask until it is gone.
@@ -112,7 +112,7 @@ def _search(folder: Path, trials: int) -> Path:
 
 
 def test_a_search_with_early_stopping_prunes_records_and_never_chooses_stopped_trials(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        joined_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     assert main(["search", str(_search(tmp_path, 4)), "--json", "summary.json", "--quiet"]) == 0
@@ -175,7 +175,7 @@ def _a_resume_keeps_stopped_trials_as_ended(folder: Path, client: mlflow.MlflowC
 
 
 def test_a_trial_whose_rung_cannot_be_asked_goes_on_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pngrow.pipeline import trial as trial_module
+    from pngrow.pipeline import early_stopping
 
     logged: list[dict] = []
 
@@ -186,10 +186,9 @@ def test_a_trial_whose_rung_cannot_be_asked_goes_on_with_a_warning(monkeypatch: 
     def gone(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise ConnectionError("actor call report failed: RayActorError: The actor died")
 
-    monkeypatch.setattr(trial_module, "ask_actor", gone)
-    spec = trial_module.TrialSpec("sqlite://", "run", "sisr", ["x2"], {}, "x2", None, {}, rung=object())
-    client = trial_module._RungClient(spec, Tracking())  # type: ignore[arg-type]
-    assert client(30, {"psnr": 27.0}) is True and client.report == RungReport(30, {"psnr": 27.0})
+    monkeypatch.setattr(early_stopping, "ask_actor", gone)
+    client = early_stopping.RungClient(object(), "run", Tracking())  # type: ignore[arg-type]
+    assert client(30, {"psnr": 27.0}) is True and client.report == RungReport(step=30, metrics={"psnr": 27.0})
     assert logged[0] == {"metrics": {"rung/psnr": 27.0, "rung_step": 30}, "step": 30}
     assert logged[1] == {"tags": {names.RUNG_WARNING: "actor call report failed: RayActorError: The actor died; the "
                                                       "trial went on without its verdict"}}

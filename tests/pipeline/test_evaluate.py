@@ -11,29 +11,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-import torch
 from PIL import Image
 
 from pngrow import load_shared_model
 from pngrow.pipeline.cli import main
 from pngrow.pipeline.evaluate import CODEC_KEYS
 from pngrow.workers.models.nic import lambda_of
-from pngrow.workers.models.sisr import bicubic_downscale
-from tests.tiny_models import tiny_models
+from tests import reference
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "compressai-kodak"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return tiny_models(tmp_path_factory.mktemp("models"), nic_tasks="q6,q2,q4")
+def models(tiny_model_dirs: dict[str, Path]) -> dict[str, Path]:
+    return tiny_model_dirs  # NIC rates q6, q2, q4 (trained in that order), SISR x2, x3
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(skimage.data.astronaut()[:130, :150]).save(folder / "astronaut.png")
-    Image.fromarray(skimage.data.chelsea()[:100, :120]).save(folder / "chelsea.png")
+    # at least 176 pixels a side: five scales of the 11-pixel window for pngrow and for pytorch-msssim, which measures
+    # them here independently (pngrow uses fewer scales under 176 pixels, pytorch-msssim refuses under 161)
+    Image.fromarray(skimage.data.astronaut()[:176, :200]).save(folder / "astronaut.png")
+    Image.fromarray(skimage.data.chelsea()[:176, :192]).save(folder / "chelsea.png")
     return folder
 
 
@@ -45,13 +45,21 @@ def test_codec_results_are_compressai_eval_model_json_in_rate_order(models, phot
     assert list(document["results"]) == list(CODEC_KEYS)
     assert document["tasks"] == ["q2", "q4", "q6"]  # trained q6, q2, q4: written in rate order
     assert all(len(values) == 3 for values in document["results"].values())
-    # Each entry is the mean over the images of what the pngrow bitstream gives, measured here independently.
+    # Each entry is the mean over the images of what the pngrow bitstream gives: its size, and its decoded image
+    # measured here with numpy (PSNR) and pytorch-msssim (MS-SSIM), not with pngrow's metrics.
     model = load_shared_model(str(models["nic"]), progress=False)
-    bpp = []
-    for name in ("astronaut.png", "chelsea.png"):
-        image = np.array(Image.open(photos / name))
-        bpp.append(len(model.compress(image, "q4")) * 8 / (image.shape[0] * image.shape[1]))
-    assert document["results"]["bpp"][1] == pytest.approx(np.mean(bpp))
+    images = [np.array(Image.open(photos / name)) for name in ("astronaut.png", "chelsea.png")]
+    for index, task in enumerate(document["tasks"]):
+        figures = []
+        for image in images:
+            data = model.compress(image, task)
+            decoded = model.decompress(data)
+            figures.append((reference.psnr(decoded, image), reference.ms_ssim_rgb(decoded, image),
+                            len(data) * 8 / (image.shape[0] * image.shape[1])))
+        psnr, ms_ssim, bpp = np.mean(figures, axis=0)
+        assert document["results"]["psnr-rgb"][index] == pytest.approx(psnr, abs=1e-6), task
+        assert document["results"]["ms-ssim-rgb"][index] == pytest.approx(ms_ssim, abs=1e-6), task
+        assert document["results"]["bpp"][index] == pytest.approx(bpp, rel=1e-12), task
     assert sorted(lambda_of(t) for t in document["tasks"]) == [lambda_of(t) for t in document["tasks"]]
 
 
@@ -100,18 +108,24 @@ def test_sr_figures_per_scale_on_hr_only_and_on_paired_folders(models, tmp_path:
         assert sorted(results) == ["x2", "x3"] and results["x3"]["scale"] == 3
         assert 0 < results["x2"]["ssim_y"] <= 1 and results["x2"]["psnr_y"] > 10
     assert documents["paired"]["results"]["x2"]["psnr_y"] != documents["hr"]["results"]["x2"]["psnr_y"]
-    # The HR-only figure is the model's PSNR-Y on LR made by the family's bicubic, computed here independently.
+    # Each figure is the model's output on the folder's LR images (paired) or on LR made by antialiased bicubic
+    # downscaling (HR only; made here with PIL), measured here: PSNR-Y with numpy, SSIM-Y with scikit-image's
+    # 11x11 Gaussian window of sigma 1.5, on BT.601 luma computed here, a border of the scale cropped.
     model = load_shared_model(str(models["sisr"]), progress=False)
-    values = []
-    for name in ("baby.png", "bird.png"):
-        hr = torch.from_numpy(np.array(Image.open(hr_only / name))).permute(2, 0, 1)[None].float().div(255)
-        hr = hr[..., : hr.shape[2] // 2 * 2, : hr.shape[3] // 2 * 2]
-        lr = (bicubic_downscale(hr, 2)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        sr = torch.from_numpy(model.upscale(lr, "x2")).permute(2, 0, 1)[None].float().div(255)
-        y = lambda t: (t * torch.tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1)).sum(1) + 16  # noqa: E731
-        diff = (y(sr) - y(hr))[..., 2:-2, 2:-2]
-        values.append(10 * np.log10(255**2 / float(diff.pow(2).mean())))
-    assert documents["hr"]["results"]["x2"]["psnr_y"] == pytest.approx(np.mean(values), abs=1e-3)
+    for label, folder in (("paired", paired), ("hr", hr_only)):
+        for task, scale in (("x2", 2), ("x3", 3)):
+            psnrs, ssims = [], []
+            for name in ("baby", "bird"):
+                hr = np.array(Image.open(folder / ("HR" if label == "paired" else "") / f"{name}.png"))
+                hr = hr[: hr.shape[0] // scale * scale, : hr.shape[1] // scale * scale]
+                lr = (np.array(Image.open(folder / "LR_bicubic" / f"X{scale}" / f"{name}x{scale}.png"))
+                      if label == "paired" else reference.bicubic_down(hr, scale))
+                sr = model.upscale(lr, task)
+                psnrs.append(reference.psnr_y(sr, hr, scale))
+                ssims.append(reference.ssim_y(sr, hr, scale))
+            results = documents[label]["results"][task]
+            assert results["psnr_y"] == pytest.approx(np.mean(psnrs), abs=1e-3), (label, task)
+            assert results["ssim_y"] == pytest.approx(np.mean(ssims), abs=1e-5), (label, task)
 
 
 def test_eval_errors_name_the_bad_value(models, tmp_path: Path, capsys) -> None:

@@ -1,6 +1,8 @@
 """Searches survive faults: a trial whose loss becomes NaN, a trial worker killed by its PID, a driver killed by its
 PID mid-stage, then resumed, and the Optuna database, tracking server or object store lost mid-search. The crashes
-run on the embedded default (in-process Ray, SQLite) and again on the cluster stack of the search tests."""
+run on the embedded default (in-process Ray, SQLite) and again on the cluster stack of the search tests. The
+searches and resumes this process runs itself share one in-process Ray (``joined_ray``); the drivers it kills start
+their own."""
 
 from __future__ import annotations
 
@@ -66,6 +68,21 @@ def _fingerprint(client: MlflowClient, run_id: str, task: str, folder: Path) -> 
     return shared.fingerprint(task)
 
 
+def _kill_with_all_it_started(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started, its in-process Ray's daemons and trial workers included
+    (some leave its session), as the loss of its machine would: a trial training then is cut off."""
+    import psutil
+
+    processes = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+    os.killpg(driver.pid, signal.SIGKILL)
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    driver.wait(30)
+
+
 def _wait_for(what: str, check, process: subprocess.Popen, timeout: float = 240):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -92,7 +109,7 @@ def _lose_service_mid_search(folder: Path, config: Path, args: list[str], env: d
     return err
 
 
-def test_a_nan_trial_fails_alone_and_the_stage_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_nan_trial_fails_alone_and_the_stage_goes_on(joined_ray, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     # The first trial runs the defaults: a learning rate of 1e30 makes its loss NaN at once.
@@ -128,24 +145,25 @@ def test_a_killed_trial_worker_fails_that_trial_only(tmp_path: Path) -> None:
     assert _runs(client, "tags.`pngrow.kind` = 'search'")[0].info.status == "FINISHED"
 
 
-def test_a_killed_driver_resumes_without_redoing_finished_work(tmp_path: Path, monkeypatch) -> None:
+def test_a_killed_driver_resumes_without_redoing_finished_work(joined_ray, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     config = _config(tmp_path)
     driver = _start_driver(tmp_path, config)
     client = _client(tmp_path)
 
-    def second_stage_trial_finished():  # noqa: ANN202
+    def second_stage_trial_finished_and_one_training():  # noqa: ANN202
         stages = _runs(client, "tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '1'")
         if stages:
             trials = _runs(client, f"tags.`mlflow.parentRunId` = '{stages[0].info.run_id}'")
-            return stages[0] if any(t.info.status == "FINISHED" for t in trials) else None
+            training = [t for t in trials if t.info.status == "RUNNING" and "pngrow.fingerprint" not in t.data.tags]
+            return stages[0] if training and any(t.info.status == "FINISHED" for t in trials) else None
         return None
 
-    _wait_for("a finished trial in stage 2", second_stage_trial_finished, driver)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session
-    driver.wait(30)
+    _wait_for("a finished trial in stage 2 and one training", second_stage_trial_finished_and_one_training, driver)
+    _kill_with_all_it_started(driver)
     before = {t.info.run_id: t.info.status for t in _runs(client, "tags.`pngrow.kind` = 'trial'")}
+    cut_off = [r for r, s in before.items() if s == "RUNNING"]
     search_id = _runs(client, "tags.`pngrow.kind` = 'search'")[0].info.run_id
     stage1 = _runs(client, "tags.`pngrow.kind` = 'stage' and tags.`pngrow.stage_index` = '0'")[0]
     assert stage1.info.status == "FINISHED"
@@ -156,8 +174,8 @@ def test_a_killed_driver_resumes_without_redoing_finished_work(tmp_path: Path, m
     after = {t.info.run_id: t for t in _runs(client, "tags.`pngrow.kind` = 'trial'")}
     # Finished trials were kept, not re-run; the ones the crash cut off are KILLED; nothing is left RUNNING.
     assert all(after[r].info.status == "FINISHED" for r, s in before.items() if s == "FINISHED")
-    assert all(after[r].info.status == "KILLED" for r, s in before.items() if s == "RUNNING"
-               and "pngrow.fingerprint" not in after[r].data.tags)
+    cut_off = [r for r in cut_off if "pngrow.fingerprint" not in after[r].data.tags]
+    assert cut_off and all(after[r].info.status == "KILLED" for r in cut_off)
     assert not [r for r in _runs(client) if r.info.status == "RUNNING"]
     stage1_trials = [t for t in after.values() if t.data.tags["pngrow.stage_index"] == "0"]
     assert len(stage1_trials) == 3
@@ -172,7 +190,8 @@ def test_a_killed_driver_resumes_without_redoing_finished_work(tmp_path: Path, m
     assert final == search.data.tags["pngrow.fingerprint.x2"]
 
 
-def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_path: Path, monkeypatch) -> None:
+def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(joined_ray, tmp_path: Path,
+                                                                          monkeypatch) -> None:
     from tests.services import Postgres, short_tempdir
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -184,8 +203,9 @@ def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_pa
         config = _config(tmp_path, tasks="[x2]")
         storage = database.url("optuna")
         client = _client(tmp_path)
-        # The database goes away while trials train.
-        err = _lose_service_mid_search(tmp_path, config, ["--optuna-storage", storage], {}, client, database.stop)
+        # The database goes away while trials train. pngrow retries for about a minute; twice here (1 + 2 s).
+        env = {"PNGROW_OPTUNA_MAX_RETRIES": "2"}
+        err = _lose_service_mid_search(tmp_path, config, ["--optuna-storage", storage], env, client, database.stop)
         assert err.strip().splitlines()[-1].startswith(
             f"pngrow: error: Optuna storage 'postgresql://pngrow:***@127.0.0.1:{database.port}/optuna' stopped answering")
         assert database.password not in err
@@ -201,7 +221,8 @@ def test_losing_the_optuna_database_mid_search_fails_cleanly_then_resumes(tmp_pa
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_losing_the_tracking_server_mid_search_fails_cleanly_then_resumes(tmp_path: Path, monkeypatch) -> None:
+def test_losing_the_tracking_server_mid_search_fails_cleanly_then_resumes(joined_ray, tmp_path: Path,
+                                                                          monkeypatch) -> None:
     from tests.services import MlflowServer, short_tempdir
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

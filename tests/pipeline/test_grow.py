@@ -45,7 +45,8 @@ def _write_config(folder: Path, family: str) -> Path:
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
-def test_grow_keeps_every_earlier_task_bit_identical(family: str, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_grow_keeps_every_earlier_task_bit_identical(family: str, joined_ray, tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     old_tasks, new_task, _ = CASES[family]

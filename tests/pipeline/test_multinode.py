@@ -18,10 +18,10 @@ import yaml
 
 from pngrow.pipeline.registry import promote
 from pngrow.pipeline.tracking import Tracking
-from tests.services import BIN, RayHead, RayNode, SeaweedS3, cluster_nodes, short_tempdir
+from tests.services import BIN, RayHead, SeaweedS3, short_tempdir
 
 if TYPE_CHECKING:
-    from tests.pipeline.conftest import Services
+    from tests.pipeline.conftest import GpuCluster, Services
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "search_spaces" / "examples").glob("*.yaml"))
@@ -137,50 +137,39 @@ def test_every_example_config_runs_as_a_ray_job(services: Services, root: Path) 
 
 
 @pytest.mark.slow
-def test_trials_spread_over_worker_nodes_and_fall_back_to_the_cpu(root: Path) -> None:
-    head = RayHead(root / "ray", num_cpus=1)
-    head.root.mkdir()
-    nodes = [RayNode(head, root / f"node{i}.log", num_cpus=1, num_gpus=1) for i in range(2)]
-    try:
-        head.start()
-        for node in nodes:
-            node.start()
-        gpu_nodes = {node for node, resources in cluster_nodes(head, 3).items() if resources.get("GPU")}
-        assert len(gpu_nodes) == 2
-        (root / "space.yaml").write_text(SPACE)
-        (root / "search.yaml").write_text(_search(root, "multinode", "{gpus_per_trial: 1, device: auto}"))
-        # The driver is its own process, as a user runs it, with the head's token.
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        driver = subprocess.run([str(BIN / "pngrow"), "search", "search.yaml", "--ray-address", head.address],
-                                capture_output=True, text=True, timeout=600, cwd=root, env={**env, **head.env()})
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        assert "Ray: 3 CPUs, 2 GPUs; trials ask for a GPU (device auto), 2 at a time" in driver.stdout
-        trials = _trials(root)
-        assert len(trials) == 2
-        ran_on = [t.data.tags["pngrow.ray_node"] for t in trials]
-        assert set(ran_on) == gpu_nodes  # a GPU node each, so at once (the head has no GPU)
-        for trial in trials:
-            assert trial.info.status == "FINISHED"
-            warning = trial.data.tags["pngrow.device_warning"]
-            assert warning.startswith("Ray assigned GPU 0 on node ") and warning.endswith("training on the CPU")
-        # With device cuda the same trials fail, each with one line naming the device; so does the stage.
-        (root / "cuda.yaml").write_text(_search(root, "cuda", "{gpus_per_trial: 1, device: cuda}"))
-        driver = subprocess.run([str(BIN / "pngrow"), "search", "cuda.yaml", "--ray-address", head.address, "--quiet"],
-                                capture_output=True, text=True, timeout=300, cwd=root, env={**env, **head.env()})
-        assert driver.returncode == 2, driver.stderr[-3000:]
-        (line,) = [line for line in driver.stderr.splitlines() if line.startswith("pngrow: error:")]
-        assert "every trial failed, the last with RuntimeError: device 'cuda' is not available: Ray assigned GPU 0" \
-            in line
-        failed = [t for t in _trials(root) if t.info.status == "FAILED"]
-        assert len(failed) == 2 and all("device 'cuda' is not available" in t.data.tags["pngrow.error"] for t in failed)
-    finally:
-        for node in nodes:
-            node.stop()
-        head.stop()
+def test_trials_spread_over_worker_nodes_and_fall_back_to_the_cpu(gpu_cluster: GpuCluster, root: Path) -> None:
+    head, gpu_nodes = gpu_cluster.head, gpu_cluster.gpu_nodes
+    (root / "space.yaml").write_text(SPACE)
+    (root / "search.yaml").write_text(_search(root, "multinode", "{gpus_per_trial: 1, device: auto}"))
+    # The driver is its own process, as a user runs it, with the head's token.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.run([str(BIN / "pngrow"), "search", "search.yaml", "--ray-address", head.address],
+                            capture_output=True, text=True, timeout=600, cwd=root, env={**env, **head.env()})
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    assert "Ray: 3 CPUs, 2 GPUs; trials ask for a GPU (device auto), 2 at a time" in driver.stdout
+    trials = _trials(root)
+    assert len(trials) == 2
+    ran_on = [t.data.tags["pngrow.ray_node"] for t in trials]
+    assert set(ran_on) == gpu_nodes  # a GPU node each, so at once (the head has no GPU)
+    for trial in trials:
+        assert trial.info.status == "FINISHED"
+        warning = trial.data.tags["pngrow.device_warning"]
+        assert warning.startswith("Ray assigned GPU 0 on node ") and warning.endswith("training on the CPU")
+    # With device cuda the same trials fail, each with one line naming the device; so does the stage.
+    (root / "cuda.yaml").write_text(_search(root, "cuda", "{gpus_per_trial: 1, device: cuda}"))
+    driver = subprocess.run([str(BIN / "pngrow"), "search", "cuda.yaml", "--ray-address", head.address, "--quiet"],
+                            capture_output=True, text=True, timeout=300, cwd=root, env={**env, **head.env()})
+    assert driver.returncode == 2, driver.stderr[-3000:]
+    (line,) = [line for line in driver.stderr.splitlines() if line.startswith("pngrow: error:")]
+    assert "every trial failed, the last with RuntimeError: device 'cuda' is not available: Ray assigned GPU 0" \
+        in line
+    failed = [t for t in _trials(root) if t.info.status == "FAILED"]
+    assert len(failed) == 2 and all("device 'cuda' is not available" in t.data.tags["pngrow.error"] for t in failed)
 
 
 @pytest.mark.slow
-def test_a_local_data_folder_reaches_a_clusters_trials_through_the_artifact_store(root: Path) -> None:
+def test_a_local_data_folder_reaches_a_clusters_trials_through_the_artifact_store(gpu_cluster: GpuCluster,
+                                                                                  root: Path) -> None:
     from PIL import Image
 
     train = root / "local" / "train"  # a paired SR folder on the driver's disk
@@ -188,22 +177,17 @@ def test_a_local_data_folder_reaches_a_clusters_trials_through_the_artifact_stor
         for sub, size, suffix in (("HR", 48, ""), ("LR_bicubic/X2", 24, "x2")):
             (train / sub).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (size, size), colour).save(train / sub / f"{name}{suffix}.png")
-    head = RayHead(root / "ray", num_cpus=1)
-    head.root.mkdir()
-    try:
-        head.start()
-        (root / "space.yaml").write_text(SPACE)
-        search = _search(root, "uploaded", "{cpus_per_trial: 1}").replace(
-            "data: {eval_limit: 1}", f"data: {{train: {train}, eval_limit: 1, cache: {root}/cache}}").replace(
-            "trials_per_stage: 2, parallel_trials: auto", "trials_per_stage: 1, parallel_trials: 1")
-        (root / "search.yaml").write_text(search)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        driver = subprocess.run([str(BIN / "pngrow"), "search", "search.yaml", "--ray-address", head.address],
-                                capture_output=True, text=True, timeout=600, cwd=root, env={**env, **head.env()})
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        assert f"data train: uploading '{train}' to the search run" in driver.stdout
-    finally:
-        head.stop()
+    head = gpu_cluster.head
+    (root / "space.yaml").write_text(SPACE)
+    search = _search(root, "uploaded", "{cpus_per_trial: 1, device: cpu}").replace(
+        "data: {eval_limit: 1}", f"data: {{train: {train}, eval_limit: 1, cache: {root}/cache}}").replace(
+        "trials_per_stage: 2, parallel_trials: auto", "trials_per_stage: 1, parallel_trials: 1")
+    (root / "search.yaml").write_text(search)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.run([str(BIN / "pngrow"), "search", "search.yaml", "--ray-address", head.address],
+                            capture_output=True, text=True, timeout=600, cwd=root, env={**env, **head.env()})
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    assert f"data train: uploading '{train}' to the search run" in driver.stdout
     (trial,) = _trials(root)
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     search = client.get_run(trial.data.tags["pngrow.search_id"])

@@ -12,11 +12,10 @@ from PIL import Image
 
 from pngrow import load_shared_model
 from pngrow.pipeline.cli import main
-from tests.tiny_models import tiny_models
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return tiny_models(tmp_path_factory.mktemp("models"))
+def models(tiny_model_dirs: dict[str, Path]) -> dict[str, Path]:
+    return tiny_model_dirs
 
 
 @pytest.fixture
@@ -56,7 +55,7 @@ def test_upscale_at_every_scale_in_tiles_or_whole(models, photo: Path, tmp_path:
     [
         (["upscale", "--model", "{sisr}", "--scale", "4", "{photo}", "o.png"], "scale 4 is not one of this model's: 2, 3"),
         (["compress", "--model", "{sisr}", "--task", "x2", "{photo}", "o.bin"], "family 'sisr' does not compress"),
-        (["compress", "--model", "{nic}", "--task", "q4", "{photo}", "o.bin"], "unknown task 'q4'"),
+        (["compress", "--model", "{nic}", "--task", "q5", "{photo}", "o.bin"], "unknown task 'q5'"),
         (["compress", "--model", "{nic}", "--task", "q6", "missing.png", "o.bin"], "input image 'missing.png' does not"),
         (["decompress", "--model", "{nic}", "{photo}", "o.png"], "not a pngrow bitstream"),
         (["upscale", "--model", "/no/model", "--scale", "2", "{photo}", "o.png"], "'/no/model' is neither a pngrow"),

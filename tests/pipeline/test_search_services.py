@@ -77,7 +77,8 @@ def test_tiny_search_on_real_services(services, tmp_path: Path, monkeypatch: pyt
         assert stage.data.metrics["eval/psnr"] == pytest.approx(evaluated, abs=1e-3)
         assert summary["stages"][stage_index(stage)]["metrics"]["psnr"] == pytest.approx(evaluated, abs=1e-3)
     for task in ("x2", "x3"):
-        assert search.data.metrics[f"final/{task}/psnr"] > 20
+        # trained, the model beats what it starts from (with the bicubic skip, an untrained one is bicubic)
+        assert search.data.metrics[f"final/{task}/psnr"] > search.data.metrics[f"final/{task}/bicubic_psnr"]
         assert search.data.metrics[f"drift/{task}"] == 0.0
 
     # S3: every trial's and stage's checkpoint, and the pyfunc model, are in the bucket.

@@ -53,8 +53,8 @@ def test_study_asks_within_the_space_and_starts_from_the_defaults() -> None:
 def test_retrying_outlasts_a_short_outage_and_names_a_long_one() -> None:
     import sqlalchemy.exc
 
-    from pngrow.errors import ServiceError
-    from pngrow.pipeline.study import retrying
+    from pngrow.errors import ConfigError, ServiceError
+    from pngrow.pipeline.study import retry_delays, retrying
 
     calls = []
 
@@ -72,6 +72,8 @@ def test_retrying_outlasts_a_short_outage_and_names_a_long_one() -> None:
                                            r"OperationalError: .*server closed the connection") as info:
         retrying(flaky(5), "postgresql://u:***@db/optuna", delays=(0.0, 0.0))
     assert len(calls) == 3 and info.value.service == "optuna" and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"^PNGROW_OPTUNA_MAX_RETRIES='two' is not a number of retries"):
+        retry_delays({"PNGROW_OPTUNA_MAX_RETRIES": "two"})
 
 
 def test_a_study_with_two_costs_has_three_named_objectives(tmp_path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from pngrow.pipeline import names
 from pngrow.pipeline.names import Kind
 from pngrow.pipeline.tracking import Tracking, metric_key, tag_filter, using
-from pngrow.pipeline.trial import TrialOutcome
+from pngrow.pipeline.records import TrialOutcome
 
 
 def test_using_leaves_mlflow_exactly_as_it_found_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +31,8 @@ def test_metric_keys_are_what_mlflow_accepts() -> None:
 def test_a_trial_outcome_reads_back_as_its_trial_logged_it(tmp_path) -> None:
     tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "pngrow", (tmp_path / "artifacts").as_uri())
     run_id = tracking.start_run("x2 trial 0", {names.KIND: Kind.TRIAL, names.TASK: "x2"})
-    outcome = TrialOutcome(run_id, "x2", {"psnr": 31.25, "ms_ssim": 0.95}, 0.4, 1234, 5_600_000_000, 2000, "f1ng3r",
+    outcome = TrialOutcome(run_id=run_id, task="x2", metrics={"psnr": 31.25, "ms_ssim": 0.95}, density=0.4,
+                           active_params=1234, macs=5_600_000_000, stored_params=2000, fingerprint="f1ng3r",
                            train_started=10.0, train_ended=12.5, trial_seconds=3.0)
     assert not TrialOutcome.recorded(tracking.run(run_id))
     with pytest.raises(ValueError, match="holds no trial outcome"):

@@ -7,15 +7,16 @@ import torch
 from pngrow.workers.data import PatchSampler, default_images
 from pngrow.workers.models import get_family
 from pngrow.workers.restoration import decode, encode, read_header, receptive_margin, upscale
-from pngrow.workers.training import StageSettings, run_stage
+from pngrow.workers.settings import TaskSettings
+from pngrow.workers.training import train_task
 
-TINY = StageSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=2)
+TINY = TaskSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=2)
 
 
 def _grow(family, shared, task: str, seed: int = 0) -> None:
     images = default_images("eval").limit(1)
     sampler = PatchSampler(images, max(family.patch_size(t) for t in family.tasks), seed=seed)
-    run_stage(shared, family, task, TINY, sampler, images, log=lambda _: None)
+    train_task(shared, family, task, TINY, sampler, images, log=lambda _: None)
 
 
 def _trained(name: str, tasks: list[str], seed: int = 0, **arch):  # noqa: ANN003, ANN202

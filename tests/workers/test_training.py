@@ -5,16 +5,17 @@ import torch
 
 from pngrow.workers.data import default_images
 from pngrow.workers.models import get_family
-from pngrow.workers.training import Optimisers, StageSettings, train_shared
+from pngrow.workers.settings import TaskSettings
+from pngrow.workers.training import Optimisers, train_shared
 
 
 def test_the_learning_rate_restarts_when_pruning_begins() -> None:
     family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
     images = default_images("eval")
-    settings = StageSettings(grow_steps=4, prune_steps=2, finetune_steps=2, batch_size=1, lr=1e-3)
+    settings = TaskSettings(grow_steps=4, prune_steps=2, finetune_steps=2, batch_size=1, lr=1e-3)
     job = train_shared(family, [settings], images, images.limit(1), log=lambda m: None)
-    lrs = [entry["lr"] for entry in job.stages[0].history]
-    assert [entry["step"] for entry in job.stages[0].history] == list(range(8))
+    lrs = [entry["lr"] for entry in job.task_results[0].history]
+    assert [entry["step"] for entry in job.task_results[0].history] == list(range(8))
     assert lrs == pytest.approx([1e-3 * f for f in Optimisers.factors((4, 4))])
     assert lrs[0] == lrs[4] == pytest.approx(1e-3) and lrs[3] < lrs[2] < lrs[1] < lrs[0]
 
@@ -32,11 +33,11 @@ def test_a_dense_stage_has_one_cosine_and_empty_phases_are_skipped() -> None:
 def test_a_stage_without_prune_or_finetune_steps_still_prunes() -> None:
     family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
     images = default_images("eval").limit(1)
-    settings = StageSettings(grow_steps=2, prune_steps=0, finetune_steps=0, batch_size=1, prune_ratio=0.5)
+    settings = TaskSettings(grow_steps=2, prune_steps=0, finetune_steps=0, batch_size=1, prune_ratio=0.5)
     job = train_shared(family, [settings], images, images, log=lambda m: None)
-    assert job.stages[0].cost.density == pytest.approx(0.5, abs=0.05)
-    kept = StageSettings(grow_steps=2, prune_steps=0, finetune_steps=0, batch_size=1, prune_ratio=0.0)
-    assert train_shared(family, [kept], images, images, log=lambda m: None).stages[0].cost.density == 1.0
+    assert job.task_results[0].cost.density == pytest.approx(0.5, abs=0.05)
+    kept = TaskSettings(grow_steps=2, prune_steps=0, finetune_steps=0, batch_size=1, prune_ratio=0.0)
+    assert train_shared(family, [kept], images, images, log=lambda m: None).task_results[0].cost.density == 1.0
 
 
 def test_a_task_that_changed_is_named_without_assert(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,7 +45,7 @@ def test_a_task_that_changed_is_named_without_assert(monkeypatch: pytest.MonkeyP
 
     family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
     images = default_images("eval").limit(1)
-    settings = StageSettings(grow_steps=1, prune_steps=0, finetune_steps=1, batch_size=1)
+    settings = TaskSettings(grow_steps=1, prune_steps=0, finetune_steps=1, batch_size=1)
     calls = iter(range(100))
     evaluate = type(family).evaluate
     monkeypatch.setattr(type(family), "evaluate",
@@ -61,20 +62,20 @@ def test_a_task_that_changed_is_named_without_assert(monkeypatch: pytest.MonkeyP
 def test_the_rung_sees_the_grown_task_and_changes_nothing_it_lets_go_on(family_name: str, arch: dict,
                                                                         quality: str) -> None:
     from pngrow.workers.data import PatchSampler
-    from pngrow.workers.training import StoppedEarly, run_stage
+    from pngrow.workers.training import StoppedEarly, train_task
 
     from pngrow.workers.data import ImageSet
 
     whole = default_images("eval")
     images = ImageSet("crop", whole.names[:1], (whole.images[0][:, :128, :128],))  # small: NIC codes it 3 times
-    settings = StageSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=1)
+    settings = TaskSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=1)
 
     def stage(at_rung=None):  # noqa: ANN001, ANN202
         family = get_family(family_name, [family_name == "sisr" and "x2" or "q2"], **arch)
         torch.manual_seed(0)
         shared = family.build_shared()
         sampler = PatchSampler(images, family.patch_size(family.tasks[0]), seed=0)
-        result = run_stage(shared, family, family.tasks[0], settings, sampler, images, log=lambda m: None,
+        result = train_task(shared, family, family.tasks[0], settings, sampler, images, log=lambda m: None,
                            at_rung=at_rung)
         return result, shared.fingerprint(family.tasks[0])
 
@@ -90,15 +91,15 @@ def test_the_rung_sees_the_grown_task_and_changes_nothing_it_lets_go_on(family_n
 
 def test_no_rung_without_steps_on_both_sides_of_it() -> None:
     from pngrow.workers.data import PatchSampler
-    from pngrow.workers.training import run_stage
+    from pngrow.workers.training import train_task
 
     family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
     images = default_images("eval").limit(1)
 
     for grow, prune in ((0, 2), (2, 0)):
         shared = family.build_shared()
-        settings = StageSettings(grow_steps=grow, prune_steps=prune, finetune_steps=0, batch_size=1)
-        run_stage(shared, family, "x2", settings, PatchSampler(images, 16, seed=0), images, log=lambda m: None,
+        settings = TaskSettings(grow_steps=grow, prune_steps=prune, finetune_steps=0, batch_size=1)
+        train_task(shared, family, "x2", settings, PatchSampler(images, 16, seed=0), images, log=lambda m: None,
                   at_rung=lambda step, metrics: pytest.fail("no rung in this stage"))
 
 
@@ -106,13 +107,13 @@ def test_step_seconds_count_gradient_steps_not_the_callbacks_or_the_rung() -> No
     import time
 
     from pngrow.workers.data import PatchSampler
-    from pngrow.workers.training import run_stage
+    from pngrow.workers.training import train_task
 
     family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
     images = default_images("eval").limit(1)
-    settings = StageSettings(grow_steps=10, prune_steps=5, finetune_steps=5, batch_size=1)
+    settings = TaskSettings(grow_steps=10, prune_steps=5, finetune_steps=5, batch_size=1)
     slow = lambda *args: time.sleep(0.1) or True  # noqa: E731 - a tracking server that takes 0.1 s per call
-    result = run_stage(family.build_shared(), family, "x2", settings, PatchSampler(images, 16, seed=0), images,
+    result = train_task(family.build_shared(), family, "x2", settings, PatchSampler(images, 16, seed=0), images,
                        log=lambda m: None, on_step=slow, at_rung=slow)
     calls = len(result.history) + 1  # every reported step, and the rung
     assert 0 < result.step_seconds < result.seconds - 0.1 * calls

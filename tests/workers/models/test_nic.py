@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,9 @@ from pngrow.workers.data import ImageSet
 from pngrow.workers.models import get_family
 from pngrow.workers.models.nic import lambda_of
 from pngrow.workers.png import load_shared, save_shared
-from pngrow.workers.training import StageSettings, train_shared
+from pngrow.workers.settings import TaskSettings
+from pngrow.workers.training import train_shared
+from tests import reference
 
 
 def _images() -> ImageSet:
@@ -22,7 +25,7 @@ def _images() -> ImageSet:
 @pytest.fixture(scope="module")
 def tiny_job():
     family = get_family("nic", ["q6", "q2"], N=8, M=8, patch=64)
-    settings = [StageSettings(grow_steps=4, prune_steps=2, finetune_steps=2, batch_size=2, lr=1e-3)] * 2
+    settings = [TaskSettings(grow_steps=4, prune_steps=2, finetune_steps=2, batch_size=2, lr=1e-3)] * 2
     images = _images()
     return family, train_shared(family, settings, images, images, log=lambda m: None), images
 
@@ -55,16 +58,23 @@ def test_compressai_is_imported_only_when_a_codec_is_built() -> None:
 def test_bpp_is_counted_from_real_bitstreams_per_task(tiny_job) -> None:
     family, result, images = tiny_job
     shared = result.shared
-    image = images.images[0][None].float() / 255
-    for task in family.tasks:
-        coded = family.compress(shared, task, image)
-        num_bytes = sum(len(s) for strings in coded["strings"] for s in strings)
-        assert num_bytes > 0
-        rec = family.decompress(shared, task, coded, image.shape[-2:])
-        assert rec.shape == image.shape
     metrics = result.final_metrics
     for task in family.tasks:
-        assert set(metrics[task]) == {"psnr", "ms_ssim", "bpp", "rd_loss"} and metrics[task]["bpp"] > 0
+        assert set(metrics[task]) == {"psnr", "ms_ssim", "bpp", "rd_loss"}
+        # bpp and PSNR are the mean over the evaluation images of 8 x the bitstream's bytes (CompressAI's strings,
+        # latent and hyper-latent) per pixel of the image, and of its decoded image's PSNR, computed here
+        bpp, psnr = [], []
+        for image in images.images:
+            x = image[None].float() / 255
+            coded = family.compress(shared, task, x)
+            num_bytes = sum(len(s) for strings in coded["strings"] for s in strings)
+            bpp.append(8 * num_bytes / (image.shape[1] * image.shape[2]))
+            decoded = family.decompress(shared, task, coded, x.shape[-2:])
+            assert decoded.shape == x.shape
+            pixels = decoded[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+            psnr.append(reference.psnr(pixels, image.permute(1, 2, 0).numpy()))
+        assert metrics[task]["bpp"] == pytest.approx(np.mean(bpp), rel=1e-12) and min(bpp) > 0
+        assert metrics[task]["psnr"] == pytest.approx(np.mean(psnr), abs=1e-6)
 
 
 def test_each_rate_has_its_own_entropy_model(tiny_job) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,7 +8,9 @@ from pngrow.workers.data import ImageSet
 from pngrow.workers.metrics import psnr, psnr_y, rgb_to_y
 from pngrow.workers.models import EDSR, get_family
 from pngrow.workers.models.sisr import bicubic_downscale, scale_of
-from pngrow.workers.training import StageSettings, train_shared
+from pngrow.workers.settings import TaskSettings
+from pngrow.workers.training import train_shared
+from tests import reference
 
 
 @pytest.mark.parametrize("skip", ["none", "bicubic"])
@@ -47,15 +50,20 @@ def test_bicubic_downscale_sizes_and_levels() -> None:
     assert torch.equal(lr, (lr * 255).round() / 255)
 
 
+def _images() -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    return ImageSet("random", ("a", "b"),
+                    tuple(torch.randint(0, 256, (3, 40, 48), generator=g, dtype=torch.uint8) for _ in range(2)))
+
+
 def _tiny_job(seed: int):
     family = get_family("sisr", ["x2", "x4"], width=8, depth=1, lr_patch=8)
-    g = torch.Generator().manual_seed(0)
-    images = ImageSet("random", ("a", "b"), tuple(torch.randint(0, 256, (3, 40, 48), generator=g, dtype=torch.uint8) for _ in range(2)))
-    settings = [StageSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=2, seed=seed)] * 2
+    images = _images()
+    settings = [TaskSettings(grow_steps=3, prune_steps=2, finetune_steps=1, batch_size=2, seed=seed)] * 2
     return train_shared(family, settings, images, images, log=lambda m: None)
 
 
-def test_a_seed_reproduces_the_whole_job() -> None:
+def test_a_seed_reproduces_the_whole_job_and_another_seed_gives_another() -> None:
     torch.manual_seed(123)  # whatever the global state was before must not matter
     first = _tiny_job(seed=5)
     torch.manual_seed(456)
@@ -63,6 +71,12 @@ def test_a_seed_reproduces_the_whole_job() -> None:
     for a, b in zip(first.shared.shared_layers(), second.shared.shared_layers()):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.owner, b.owner)
     assert first.final_metrics == second.final_metrics
+    torch.manual_seed(123)
+    other = _tiny_job(seed=6)
+    for a, b in zip(first.shared.shared_layers(), other.shared.shared_layers()):
+        assert not torch.equal(a.weight, b.weight)
+    for task in ("x2", "x4"):
+        assert first.final_metrics[task]["psnr"] != other.final_metrics[task]["psnr"]
 
 
 def test_tiny_job_serves_every_scale_and_measures_bicubic() -> None:
@@ -73,4 +87,10 @@ def test_tiny_job_serves_every_scale_and_measures_bicubic() -> None:
         assert set(task["metrics"]) == {"psnr", "ms_ssim", "bicubic_psnr"}
         assert 0 < task["metrics"]["ms_ssim"] <= 1
         assert 0 < task["density"] <= 1 and task["macs"] <= task["dense_macs"]
+        # bicubic's figure is the mean over the evaluation images (40 x 48: no crop) of an independent computation
+        scale = scale_of(task["name"])
+        hr = [image.permute(1, 2, 0).numpy() for image in _images().images]
+        expected = np.mean([reference.psnr_y(reference.bicubic_up(reference.bicubic_down(image, scale), scale), image,
+                                             scale) for image in hr])
+        assert task["metrics"]["bicubic_psnr"] == pytest.approx(expected, abs=1e-4)
     assert report["stored_params"] < report["independent_params"]

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import struct
+
 import torch
 from torch import nn
 
@@ -73,8 +76,16 @@ def test_model_cost_counts_every_stored_tensor_by_hand() -> None:
 def test_checkpoint_bytes_are_the_saved_tensor_data(tmp_path) -> None:  # noqa: ANN001
     shared = _tiny()
     save_shared(shared, tmp_path, {})
-    header = (tmp_path / "weights.safetensors").stat().st_size - model_cost(shared).checkpoint_bytes
-    assert 0 < header < 4096  # what is left is safetensors' JSON header
+    # The safetensors format: an 8-byte little-endian header length, that many bytes of JSON header naming each
+    # tensor's byte range in the data that follows, then the data.
+    data = (tmp_path / "weights.safetensors").read_bytes()
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_size])
+    ranges = sorted(entry["data_offsets"] for name, entry in header.items() if name != "__metadata__")
+    tensor_bytes = len(data) - 8 - header_size
+    assert ranges[0][0] == 0 and ranges[-1][1] == tensor_bytes
+    assert all(end == begin for (_, end), (begin, _) in zip(ranges, ranges[1:]))  # no gap, no overlap
+    assert model_cost(shared).checkpoint_bytes == tensor_bytes
 
 
 def test_task_cost_of_a_reusing_task_by_hand() -> None:

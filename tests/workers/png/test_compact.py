@@ -6,6 +6,7 @@ from torch import nn
 
 from pngrow.workers.models import get_family
 from pngrow.workers.png import STRATEGIES, SharedNetwork, compact_task, count_macs, task_cost
+from pngrow.workers.png._compact import _MARGIN
 from tests.conftest import make_toy, train_task
 
 
@@ -34,7 +35,29 @@ def test_autotuned_compaction_matches_and_times_each_way() -> None:
     compact = compact_task(shared, "a", x, repeats=2)
     assert torch.allclose(compact(x), shared("a", x), atol=1e-5)
     for plan in compact.plans:
-        assert plan.strategy in plan.seconds and set(plan.seconds) <= set(STRATEGIES)
+        # Every way a layer can be cut is timed; the grouped convolution can only stay dense.
+        assert set(plan.seconds) == ({"dense"} if plan.layer == "grouped" else set(STRATEGIES)), plan
+        assert all(0 < seconds < 1 for seconds in plan.seconds.values()), plan
+        # The fastest is chosen, unless dense is within the margin of it (dense then, as it needs no gathering).
+        fastest = min(plan.seconds, key=plan.seconds.__getitem__)
+        expected = "dense" if plan.seconds[fastest] * _MARGIN > plan.seconds["dense"] else fastest
+        assert plan.strategy == expected, plan
+    assert {plan.layer for plan in compact.plans} >= {"conv", "grouped", "up", "fc"}
+    # A wide layer that computes a tenth of its output channels: dense is ten times the work and must lose (timed
+    # on one thread: on a busy machine, threads waiting for each other swamp the difference).
+    wide = SharedNetwork(nn.Sequential(nn.Conv2d(32, 320, 3, padding=1)))
+    wide.begin_task("a", (2, 1024))
+    wide.prune(0.9)
+    wide.commit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (plan,) = compact_task(wide, "a", torch.randn(1, 32, 48, 48), repeats=3).plans
+    finally:
+        torch.set_num_threads(threads)
+    assert set(plan.seconds) == set(STRATEGIES)
+    assert plan.strategy == min(plan.seconds, key=plan.seconds.__getitem__) != "dense", plan
+    assert plan.outputs == (32, 320)
 
 
 def test_output_channel_blocks_shrink_weights_and_computed_macs() -> None:
