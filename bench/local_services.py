@@ -168,7 +168,7 @@ class SeaweedS3:
              *(f"-{k}={v}" for k, v in self.ports.items())],
             self.root / "weed.log",
         )
-        wait_until(self._bucket_ready, "SeaweedFS S3", self.process, log=self.root / "weed.log")
+        wait_until(self._objects_ready, "SeaweedFS S3", self.process, log=self.root / "weed.log")
 
     def restart(self) -> None:
         """Start again on the same ports and data, as an operator bringing the store back would."""
@@ -186,6 +186,21 @@ class SeaweedS3:
 
         try:
             return any(b["Name"] == self.bucket for b in self.client().list_buckets()["Buckets"])
+        except (BotoCoreError, ClientError):
+            return False
+
+    def _objects_ready(self) -> bool:
+        """The bucket lists and its first object (if any) reads back: after a restart, the volume that holds the
+        objects can come back later than the bucket's listing."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not self._bucket_ready():
+            return False
+        try:
+            listed = self.client().list_objects_v2(Bucket=self.bucket, MaxKeys=1).get("Contents", [])
+            if listed:
+                self.client().get_object(Bucket=self.bucket, Key=listed[0]["Key"])["Body"].read()
+            return True
         except (BotoCoreError, ClientError):
             return False
 
