@@ -107,8 +107,8 @@ def folder_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
 
 
 def data_files(folder: str | Path) -> list[Path]:
-    """Every file :func:`~.data.load_folder` reads from ``folder``: its images or Parquet shards (in it or its ``HR/``) and
-    the images of its ``LR_bicubic/X<s>/`` folders (a paired SR folder), nothing else.
+    """Every file :func:`~.data.load_folder` reads from ``folder``: its images or Parquet shards (in it or its
+    ``HR/``) and the images of its ``LR_bicubic/X<s>/`` folders (a paired SR folder), nothing else.
 
     >>> data_files("/nonexistent")
     Traceback (most recent call last):

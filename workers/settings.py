@@ -54,8 +54,9 @@ class TaskSettings:
     channels as ``block_shape`` has outputs.
 
     ``grow_from`` (one of :data:`GROW_FROM`) says where a later task's free blocks start (the first task grows from the
-    model as built, or from the initial weights it is given). ``precision`` is one of :data:`PRECISIONS`; ``channels_last`` keeps images and activations in NHWC memory order,
-    which oneDNN's CPU convolutions (and GPU tensor cores) run faster. Neither changes what is learned per step
+    model as built, or from the initial weights it is given). ``precision`` is one of :data:`PRECISIONS`;
+    ``channels_last`` keeps images and activations in NHWC memory order, which oneDNN's CPU convolutions (and GPU
+    tensor cores) run faster. Neither changes what is learned per step
     beyond float rounding (measured: docs/benchmark.md).
 
     >>> TaskSettings(block_shape="8x2", grow_steps=10).block_shape, TaskSettings(grow_steps=10).total_steps

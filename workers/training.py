@@ -16,8 +16,8 @@ from .models import Family
 from .png import ModelCost, SharedNetwork, TaskCost, model_cost, task_cost
 from .settings import TaskSettings
 
-__all__ = ["DriftError", "JobResult", "Optimisers", "RungHook", "StoppedEarly", "TaskResult", "prune_schedule", "training_loss",
-           "train_shared", "train_task"]
+__all__ = ["DriftError", "JobResult", "Optimisers", "RungHook", "StoppedEarly", "TaskResult", "prune_schedule",
+           "train_shared", "train_task", "training_loss"]
 
 # Called when a task's growing ends: (step, the task's evaluation metrics then) -> whether its training goes on.
 # Early stopping (:mod:`pngrow.pipeline.early_stopping`) passes one that asks the stage's rung.
@@ -191,7 +191,8 @@ def training_loss(shared: SharedNetwork, family: Family, task: str, settings: Ta
           batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """The family's training loss on a batch of clean patches (moved to ``shared``'s device), in the settings'
     precision and memory order; the loss is float32."""
-    batch = batch.to(shared.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
+    order = torch.channels_last if settings.channels_last else torch.preserve_format
+    batch = batch.to(shared.device, memory_format=order)
     with torch.autocast(shared.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"):
         loss, figures = family.loss(shared, task, batch)
     return loss.float(), figures
