@@ -126,7 +126,7 @@ def train_joint(joint: JointModel, family: Family, sampler: PatchSampler, steps_
     aux_ids = {id(p) for p in aux}
     total = max(1, steps_per_task * len(family.tasks))
     weights = [p for p in joint.model.parameters() if id(p) not in aux_ids]
-    optimisers = Optimisers.build([{"params": weights, "lr": settings.lr}], aux, (total,))
+    optimisers = Optimisers.build([{"params": weights, "lr": settings.lr}], aux, (total,), family.grad_clip_norm)
     for step in range(steps_per_task * len(family.tasks)):
         task = family.tasks[step % len(family.tasks)]
         batch = sampler.sample(settings.batch_size, family.patch_size(task))

@@ -164,7 +164,9 @@ class _Trained:
 def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image: ImageSet, device: str, seed: int,
                    log: Callable[[str], None]) -> _Trained:
     """Train the separate models, one PnG model per block spec and the joint model under one budget."""
-    quiet = lambda message: None  # noqa: E731 - the tasks' training logs would drown the benchmark's own
+    def training_log(system: str) -> Callable[[str], None]:  # a system's training figures, indented under its line
+        return lambda message: log(f"  {system} {message}")
+
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     initial = _train_base(family, budget, train, device, seed, log) if budget.base_steps else None
@@ -174,21 +176,21 @@ def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image:
     for task in budget.tasks:
         log(f"separate {task}: {budget.steps} steps")
         one = get_family(family.name, [task], **budget.arch)
-        separate[task] = train_shared(one, [_task_settings(budget, None, seed)], train, first_image, quiet, device,
-                                      initial)
+        separate[task] = train_shared(one, [_task_settings(budget, None, seed)], train, first_image,
+                                      training_log("separate"), device, initial)
     seconds["separate"] = time.perf_counter() - start
     png = {}
     for shape in budget.block_shapes:
         start = time.perf_counter()
         log(f"{_system(shape)}: {len(budget.tasks)} tasks of {budget.steps} steps")
         settings = [_task_settings(budget, shape, seed)] * len(budget.tasks)
-        png[shape] = train_shared(family, settings, train, first_image, quiet, device, initial)
+        png[shape] = train_shared(family, settings, train, first_image, training_log(_system(shape)), device, initial)
         seconds[_system(shape)] = time.perf_counter() - start
     start = time.perf_counter()
     log(f"joint: {budget.steps * len(budget.tasks)} steps over all tasks")
     joint = build_joint(family, initial).to(device)
     sampler = PatchSampler(train, max(family.patch_size(t) for t in family.tasks), seed=seed)
-    train_joint(joint, family, sampler, budget.steps, _task_settings(budget, None, seed), quiet)
+    train_joint(joint, family, sampler, budget.steps, _task_settings(budget, None, seed), training_log("joint"))
     seconds["joint"] = time.perf_counter() - start
     return _Trained(separate, png, joint, seconds)
 
@@ -201,7 +203,8 @@ def _train_base(family: Family, budget: Budget, train: ImageSet, device: str, se
     one = get_family(family.name, [budget.base_task], **budget.arch)
     base = dense_model(one).to(device)
     sampler = PatchSampler(train, one.patch_size(budget.base_task), seed=seed)
-    train_joint(base, one, sampler, budget.base_steps, _task_settings(budget, None, seed), lambda message: None)
+    train_joint(base, one, sampler, budget.base_steps, _task_settings(budget, None, seed),
+                lambda message: log(f"  base {message}"))
     return {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
 
 

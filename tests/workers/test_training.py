@@ -30,6 +30,17 @@ def test_a_dense_stage_has_one_cosine_and_empty_phases_are_skipped() -> None:
     assert optimisers.main.param_groups[0]["lr"] == 0.0
 
 
+def test_a_codecs_weight_gradient_is_clipped_to_the_familys_norm() -> None:
+    images = default_images("eval").limit(1)
+    settings = TaskSettings(grow_steps=1, prune_steps=0, finetune_steps=0, batch_size=2, lr=1e-3)
+    job = train_shared(get_family("nic", ["q4"], N=16, M=16, patch=64), [settings], images, images, log=lambda m: None)
+    # the last step's gradient as the optimiser took it (the entropy bottleneck's also holds its auxiliary loss's)
+    grads = [p.grad for n, p in job.shared.named_parameters() if p.grad is not None and "entropy_bottleneck" not in n]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert 0.1 < norm <= 1.0 + 1e-5  # unclipped, an untrained codec's is in the hundreds
+    assert get_family("nic").grad_clip_norm == 1.0 and get_family("sisr").grad_clip_norm is None
+
+
 def test_a_stage_without_prune_or_finetune_steps_still_prunes() -> None:
     family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
     images = default_images("eval").limit(1)

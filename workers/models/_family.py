@@ -68,6 +68,8 @@ class Family(ABC):
     # search optimises by default.
     metric_directions: ClassVar[dict[str, str]]
     quality_metric: ClassVar[str]
+    # The largest norm a training step's weight gradient is scaled to (None: not clipped).
+    grad_clip_norm: ClassVar[float | None] = None
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         unknown = sorted(set(arch) - set(self.arch_defaults))

@@ -66,6 +66,10 @@ class NICFamily(Family, Codec):
     train_defaults: dict[str, Any] = {"grow_steps": 300, "prune_steps": 100, "finetune_steps": 100, "batch_size": 8}
     metric_directions = {"psnr": "maximize", "ms_ssim": "maximize", "bpp": "minimize", "rd_loss": "minimize"}
     quality_metric = "rd_loss"
+    # As CompressAI's training example. Unclipped, a hyperprior's gradient norm ranges from 1 to over 500 (spikes of
+    # 10 to 50 times the median), and PnG's first task from a trained base diverged to NaN 48 steps into pruning;
+    # clipped, it ends at 26 dB (docs/benchmark.md).
+    grad_clip_norm = 1.0
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         super().__init__(tasks, **arch)
