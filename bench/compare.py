@@ -161,12 +161,14 @@ class _Trained:
     seconds: dict[str, float]
 
 
+def _training_log(log: Callable[[str], None], system: str) -> Callable[[str], None]:
+    """``log`` for one system's training figures, each line indented and named by the system."""
+    return lambda message: log(f"  {system} {message}")
+
+
 def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image: ImageSet, device: str, seed: int,
                    log: Callable[[str], None]) -> _Trained:
     """Train the separate models, one PnG model per block spec and the joint model under one budget."""
-    def training_log(system: str) -> Callable[[str], None]:  # a system's training figures, indented under its line
-        return lambda message: log(f"  {system} {message}")
-
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     initial = _train_base(family, budget, train, device, seed, log) if budget.base_steps else None
@@ -177,20 +179,21 @@ def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image:
         log(f"separate {task}: {budget.steps} steps")
         one = get_family(family.name, [task], **budget.arch)
         separate[task] = train_shared(one, [_task_settings(budget, None, seed)], train, first_image,
-                                      training_log("separate"), device, initial)
+                                      _training_log(log, "separate"), device, initial)
     seconds["separate"] = time.perf_counter() - start
     png = {}
     for shape in budget.block_shapes:
         start = time.perf_counter()
         log(f"{_system(shape)}: {len(budget.tasks)} tasks of {budget.steps} steps")
         settings = [_task_settings(budget, shape, seed)] * len(budget.tasks)
-        png[shape] = train_shared(family, settings, train, first_image, training_log(_system(shape)), device, initial)
+        png[shape] = train_shared(family, settings, train, first_image, _training_log(log, _system(shape)), device,
+                                  initial)
         seconds[_system(shape)] = time.perf_counter() - start
     start = time.perf_counter()
     log(f"joint: {budget.steps * len(budget.tasks)} steps over all tasks")
     joint = build_joint(family, initial).to(device)
     sampler = PatchSampler(train, max(family.patch_size(t) for t in family.tasks), seed=seed)
-    train_joint(joint, family, sampler, budget.steps, _task_settings(budget, None, seed), training_log("joint"))
+    train_joint(joint, family, sampler, budget.steps, _task_settings(budget, None, seed), _training_log(log, "joint"))
     seconds["joint"] = time.perf_counter() - start
     return _Trained(separate, png, joint, seconds)
 
@@ -203,8 +206,7 @@ def _train_base(family: Family, budget: Budget, train: ImageSet, device: str, se
     one = get_family(family.name, [budget.base_task], **budget.arch)
     base = dense_model(one).to(device)
     sampler = PatchSampler(train, one.patch_size(budget.base_task), seed=seed)
-    train_joint(base, one, sampler, budget.base_steps, _task_settings(budget, None, seed),
-                lambda message: log(f"  base {message}"))
+    train_joint(base, one, sampler, budget.base_steps, _task_settings(budget, None, seed), _training_log(log, "base"))
     return {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
 
 

@@ -76,9 +76,9 @@ class Optimisers:
         """One step of every optimiser: the main one on ``loss``, the auxiliary one on ``aux_loss()``."""
         self.main.zero_grad(set_to_none=True)
         loss.backward()
-        if self.clip_norm is not None:
-            params = [p for group in self.main.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        if self.clip_norm is not None:  # parameters without a gradient are skipped
+            torch.nn.utils.clip_grad_norm_([p for group in self.main.param_groups for p in group["params"]],
+                                           self.clip_norm)
         self.main.step()
         self.schedule.step()
         if self.aux is not None:
