@@ -3,9 +3,11 @@
 Systems, each trained for ``steps`` gradient steps per task at the same batch size, learning rate and schedule:
 
 * ``separate``: one dense model per task (CompressAI's per-quality zoo, BasicSR's per-scale EDSR runs);
-* ``png-<block>[-active][-r<ratio>]``: one PnG shared model per block spec ``<shape>[/active][@<ratio>]`` (grow
-  60%, prune 20%, fine-tune 20% of the steps); ``-active`` prunes with ``prune_scope="active"`` (a later task's reused
-  blocks are pruned too, so it compacts), ``-r<ratio>`` to that prune ratio instead of the budget's 0.5;
+* ``png-<block>[-active][-<growth>][-r<ratio>]``: one PnG shared model per block spec
+  ``<shape>[/active][+<growth>][@<ratio>]`` (grow 60%, prune 20%, fine-tune 20% of the steps); ``-active`` prunes with
+  ``prune_scope="active"`` (a later task's reused blocks are pruned too, so it compacts), ``+released`` or ``+zero``
+  says where a later task's free blocks start (default fresh; see :data:`~pngrow.workers.png.GROWTHS`),
+  ``-r<ratio>`` prunes to that ratio instead of the budget's 0.5;
 * ``joint``: one fully shared model trained on all tasks in turn (see :mod:`bench.baselines`).
 
 Measured per task: PSNR and MS-SSIM (SISR on Y, border cropped by the scale; NIC on RGB), bpp from real bitstreams
@@ -60,6 +62,7 @@ class Budget:
     latency_rounds: int
     block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<scope>][+paired][@<ratio>]"
     prune_ratio: float = 0.5
+    prune_events: int = 10  # how many steps of PnG's pruning release blocks (see TaskSettings)
     reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects
     # A dense model trained first for base_steps at base_task, which every learned system starts from (task 1 of PnG,
     # each separate model, the joint model): the fair way to spend a long budget once (0: all start from scratch).
@@ -77,8 +80,8 @@ BUDGETS: dict[tuple[str, str], Budget] = {
     ("sisr", "full"): Budget(("x2", "x3", "x4"), 30000, 16, 2e-4, {"width": 64, "depth": 16}, None, 256, 30),
     ("nic", "quick"): Budget(("q7", "q5", "q3", "q1"), 250, 4, 5e-4, {"N": 64, "M": 96}, 6, 256, 15),
     ("nic", "cpu"): Budget(("q1", "q2", "q3", "q4"), 2500, 8, 5e-4, {"N": 64, "M": 96}, None, 512, 15,
-                           ("8x1024/active",), base_steps=15000, base_task="q3", classic=("jpeg", "webp"),
-                           precision="bfloat16", channels_last=True),
+                           ("8x1024/active+zero",), prune_events=100, base_steps=15000, base_task="q3",
+                           classic=("jpeg", "webp"), precision="bfloat16", channels_last=True),
     ("nic", "full"): Budget(("q7", "q5", "q3", "q1"), 100000, 8, 1e-4, {"N": 128, "M": 192}, None, 512, 30),
 }
 
@@ -105,12 +108,13 @@ class Row:
         return {**out, **self.metrics, **self.extra}
 
 
-_FLAGS = ("paired", "released")  # a PnG spec's +flags: channel pairs pruned together; growth from released blocks
+# A PnG spec's +flags: channel pairs pruned together; a later task's free blocks start as released or at zero.
+_FLAGS = ("paired", "released", "zero")
 
 
 def _parse_spec(spec: str) -> tuple[str, str, frozenset[str], float | None]:
     """A PnG system's block shape, pruning scope, flags and prune ratio (None: the budget's) from its spec
-    ``<shape>[/<scope>][+paired][+released][@<ratio>]``.
+    ``<shape>[/<scope>][+paired][+released|+zero][@<ratio>]``.
 
     >>> _parse_spec("8x1024/active+paired@0.4"), _parse_spec("4x4")
     (('8x1024', 'active', frozenset({'paired'}), 0.4), ('4x4', 'own', frozenset(), None))
@@ -120,6 +124,8 @@ def _parse_spec(spec: str) -> tuple[str, str, frozenset[str], float | None]:
     unknown = [flag for flag in flags if flag not in _FLAGS]
     if unknown:
         raise ValueError(f"block spec {spec!r}: {'+' + unknown[0]!r} is not {' or '.join('+' + f for f in _FLAGS)}")
+    if {"released", "zero"} <= set(flags):
+        raise ValueError(f"block spec {spec!r}: a task's free blocks start as released or at zero, not both")
     shape, _, scope = rest.partition("/")
     try:
         return shape, scope or "own", frozenset(flags), float(ratio) if ratio else None
@@ -148,7 +154,8 @@ def _task_settings(budget: Budget, block_shape: str | None, seed: int) -> TaskSe
                         prune_ratio=budget.prune_ratio if ratio is None else ratio,
                         grow_steps=grow, prune_steps=prune, finetune_steps=budget.steps - grow - prune,
                         reuse_penalty=budget.reuse_penalty, prune_scope=scope, paired="paired" in flags,
-                        grow_from="released" if "released" in flags else "fresh", **common)
+                        prune_events=budget.prune_events,
+                        grow_from=next((f for f in ("released", "zero") if f in flags), "fresh"), **common)
 
 
 @dataclass
@@ -586,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     base = f", all from a dense {budget.base_task} model of {budget.base_steps} steps" if budget.base_steps else ""
     header = (f"{args.family.upper()} benchmark, {args.budget} budget ({budget.steps} steps per task per system{base}, "
-              f"batch {budget.batch_size}, {budget.arch}, PnG reuse penalty {budget.reuse_penalty:g}), evaluated on "
+              f"batch {budget.batch_size}, {budget.arch}, PnG reuse penalty {budget.reuse_penalty:g}, "
+              f"{budget.prune_events} prune events), evaluated on "
               f"{len(evaluation)} images of {evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min, "
               f"seed {args.seed}. Command: `{command}`")
     import pandas as pd

@@ -115,7 +115,11 @@ class _Run(_Command):
         add("--paired", action="store_true",
             help="prune the model's channel pairs by channels (sisr: the two convolutions of each residual block), so "
                  "a released inner channel is neither computed nor read and the compacted model is faster")
-        for name in ("grow-steps", "prune-steps", "finetune-steps", "batch-size"):
+        add("--grow-from",
+            help="where a later task's free blocks start: PyTorch's initialisation (fresh), as an earlier task left "
+                 "them when it released them (released), or zero, so that the task starts computing what the last "
+                 "one committed (family default when omitted)")
+        for name in ("grow-steps", "prune-steps", "prune-events", "finetune-steps", "batch-size"):
             add(f"--{name}", type=int, help="family default when omitted")
         add("--precision", choices=("native", *PRECISIONS),
             help="float32 (default), bfloat16 (autocast), or native: bfloat16 where the device computes it in "
@@ -141,7 +145,8 @@ class _Run(_Command):
 
         tasks = family.tasks
         budget = dict(family.train_defaults)
-        for key in ("grow_steps", "prune_steps", "finetune_steps", "batch_size", "precision"):
+        for key in ("grow_from", "grow_steps", "prune_steps", "prune_events", "finetune_steps", "batch_size",
+                    "precision"):
             if getattr(args, key) is not None:
                 budget[key] = getattr(args, key)
         if budget.get("precision") == "native":

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GROW_FROM", "PRECISIONS", "TaskSettings", "native_precision"]
-
-# Where the free blocks a task grows start: PyTorch's default initialisation (CPG's and the paper's growth), or the
-# values an earlier task had trained them to before it released them.
-GROW_FROM = ("fresh", "released")
+__all__ = ["PRECISIONS", "TaskSettings", "native_precision"]
 
 # How a task's forward passes compute: float32, or autocast to bfloat16 (weights and optimiser stay float32), which
 # CPUs with AVX-512 BF16 or AMX and recent GPUs run about twice as fast.
@@ -43,8 +39,10 @@ class TaskSettings:
     """How one task is grown, pruned and fine-tuned.
 
     ``grow_steps`` train the free blocks (and learn the selection of earlier ones); ``prune_steps`` keep training
-    while the task's blocks are released on CPG's cubic schedule up to ``prune_ratio``; ``finetune_steps`` train the
-    kept blocks with every mask fixed. ``reuse_penalty`` weighs the fraction of earlier blocks selected.
+    while the task's blocks are released on CPG's cubic schedule up to ``prune_ratio`` in ``prune_events`` evenly
+    spaced steps (the first of 10 events releases 27% of what is released, the first of 100 3%);
+    ``finetune_steps`` train the kept blocks with every mask fixed. ``reuse_penalty`` weighs the fraction of earlier
+    blocks selected.
     ``prune_scope`` says which blocks pruning releases: ``own`` (the task's new blocks; PackNet and CPG) or ``active``
     (its reused earlier blocks compete too, so every task computes with at most ``1 - prune_ratio`` of the blocks it
     could use and frees whole channels when blocks span a layer's inputs: the compacted task is faster).
@@ -53,8 +51,8 @@ class TaskSettings:
     task neither computes nor reads it, and the residual stream keeps every channel. Pairs are pruned by as many
     channels as ``block_shape`` has outputs.
 
-    ``grow_from`` (one of :data:`GROW_FROM`) says where a later task's free blocks start (the first task grows from the
-    model as built, or from the initial weights it is given). ``precision`` is one of :data:`PRECISIONS`;
+    ``grow_from`` (one of the core's :data:`~.png.GROWTHS`) says where a later task's free blocks start (the first task
+    grows from the model as built, or from the initial weights it is given). ``precision`` is one of :data:`PRECISIONS`;
     ``channels_last`` keeps images and activations in NHWC memory order, which oneDNN's CPU convolutions (and GPU
     tensor cores) run faster. Neither changes what is learned per step
     beyond float rounding (measured: docs/benchmark.md).
@@ -68,6 +66,7 @@ class TaskSettings:
     reuse: str = "learned"
     grow_steps: int = 300
     prune_steps: int = 100
+    prune_events: int = 10
     finetune_steps: int = 100
     batch_size: int = 8
     lr: float = 5e-4
@@ -81,7 +80,7 @@ class TaskSettings:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        from .png import PRUNE_SCOPES, parse_block_shape  # the core's vocabulary: PyTorch, once settings are made
+        from .png import GROWTHS, PRUNE_SCOPES, parse_block_shape  # the core's vocabulary: PyTorch, once made
 
         object.__setattr__(self, "block_shape", parse_block_shape(self.block_shape))
         if not 0.0 <= self.prune_ratio < 1.0:
@@ -89,6 +88,8 @@ class TaskSettings:
         for name in ("grow_steps", "prune_steps", "finetune_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)!r} is negative")
+        if self.prune_events < 1:
+            raise ValueError(f"prune_events {self.prune_events!r} must be at least 1")
         if self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
         if self.prune_scope not in PRUNE_SCOPES:
@@ -96,8 +97,8 @@ class TaskSettings:
         for name in ("paired", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} {getattr(self, name)!r} is not true or false")
-        if self.grow_from not in GROW_FROM:
-            raise ValueError(f"grow_from {self.grow_from!r} is not one of {', '.join(GROW_FROM)}")
+        if self.grow_from not in GROWTHS:
+            raise ValueError(f"grow_from {self.grow_from!r} is not one of {', '.join(GROWTHS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not (self.lr > 0 and self.selection_lr > 0):

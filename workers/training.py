@@ -148,7 +148,7 @@ def train_task(
     shared.train()
     _begin(shared, task, settings)
     optimisers = _task_optimisers(shared, family, settings)
-    schedule = prune_schedule(settings.prune_ratio, settings.prune_steps)
+    schedule = prune_schedule(settings.prune_ratio, settings.prune_steps, settings.prune_events)
     patch = family.patch_size(task)
     history: list[dict[str, float]] = []
     every = max(1, settings.total_steps // 10)
@@ -185,9 +185,10 @@ def train_task(
 
 
 def _begin(shared: SharedNetwork, task: str, settings: TaskSettings) -> None:
-    """Open ``task``'s blocks in ``shared`` (released blocks fresh or as trained) in the memory order it trains in."""
-    shared.begin_task(task, settings.block_shape, settings.reuse, None if settings.grow_from == "fresh" else False,
-                      settings.paired)  # type: ignore[arg-type]
+    """Open ``task``'s blocks in ``shared`` (free blocks starting as ``grow_from`` says) in the memory order it
+    trains in."""
+    shared.begin_task(task, settings.block_shape, settings.reuse, settings.grow_from,  # type: ignore[arg-type]
+                      settings.paired)
     if settings.channels_last:
         shared.model.to(memory_format=torch.channels_last)
 

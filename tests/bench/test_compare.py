@@ -156,7 +156,9 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
         (["sisr", "--block-shapes", "4by4"], "block shape '4by4'"),
         (["sisr", "--block-shapes", "8x1024/fast"], "--block-shapes '8x1024/fast': prune scope 'fast' is not one of"),
         (["sisr", "--block-shapes", "8x1024+pairs"], "--block-shapes '8x1024+pairs': block spec '8x1024+pairs': "
-                                                     "'+pairs' is not +paired or +released"),
+                                                     "'+pairs' is not +paired or +released or +zero"),
+        (["nic", "--block-shapes", "8x1024+zero+released"],
+         "a task's free blocks start as released or at zero, not both"),
         (["nic", "--block-shapes", "8x1024/active+paired"], "the nic model declares no channel pairs"),
         (["sisr", "--reuse-penalty", "-0.5"], "--reuse-penalty -0.5 must be at least 0"),
         (["sisr", "--reuse-penalty", "nan"], "--reuse-penalty nan must be at least 0"),
@@ -195,6 +197,11 @@ def test_a_png_spec_names_its_block_shape_scope_and_prune_ratio(capsys: pytest.C
     assert (paired.paired, paired.prune_scope, paired.prune_ratio) == (True, "active", 0.4)
     assert not compare._task_settings(TINY_SISR, "8x1024/active", seed=0).paired
     assert compare._system("8x1024/active+paired@0.4") == "png-8x1024-active-paired-r0.4"
+    zero = compare._task_settings(replace(TINY_SISR, prune_events=7), "8x1024/active+zero", seed=0)
+    assert (zero.grow_from, zero.prune_events, compare._system("8x1024/active+zero")) == ("zero", 7,
+                                                                                         "png-8x1024-active-zero")
+    assert compare._task_settings(TINY_SISR, "4x4+released", seed=0).grow_from == "released"
+    assert compare._task_settings(TINY_SISR, "4x4", seed=0).grow_from == "fresh"
     for spec, message in (("8x1024@half", "prune ratio 'half' is not a number"),
                           ("8x1024/active@1.5", "prune ratio 1.5 is outside")):
         with pytest.raises(SystemExit):

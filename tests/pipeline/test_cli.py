@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pngrow.pipeline.cli import main
+from pngrow.pipeline.cli import _Run, main
 from pngrow.workers.models import get_family
 from pngrow.workers.png import load_shared
 
@@ -47,6 +48,16 @@ def test_run_writes_the_output_contract_and_the_model(image_folder: Path, tmp_pa
     assert shared("x3", torch.zeros(1, 3, 4, 4)).shape == (1, 3, 12, 12)
 
 
+def test_growth_and_prune_events_reach_every_tasks_settings() -> None:
+    parser = argparse.ArgumentParser()
+    _Run().add_arguments(parser)
+    family = get_family("sisr", ["x2", "x3"], width=8, depth=1)
+    chosen = _Run._settings(parser.parse_args(["--grow-from", "zero", "--prune-events", "3"]), family)
+    assert {(s.grow_from, s.prune_events) for s in chosen} == {("zero", 3)}
+    default = _Run._settings(parser.parse_args([]), family)
+    assert {(s.grow_from, s.prune_events) for s in default} == {("fresh", 10)}
+
+
 def test_run_nic_reports_bpp(image_folder: Path, tmp_path: Path) -> None:
     report = tmp_path / "nic.json"
     args = ["run", "--family", "nic", "--tasks", "q5,q1", "--arch", "N=8", "--arch", "M=8", "--arch", "patch=64",
@@ -75,6 +86,8 @@ def test_run_nic_reports_bpp(image_folder: Path, tmp_path: Path) -> None:
         (["--arch", "depth"], "--arch 'depth' is not KEY=VALUE"),
         (["--data", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
         (["--eval-limit", "0"], "--eval-limit 0"),
+        (["--grow-from", "seeds"], "grow_from 'seeds' is not one of fresh, released, zero"),
+        (["--prune-events", "0"], "prune_events 0 must be at least 1"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_value(extra: list[str], message: str, capsys) -> None:

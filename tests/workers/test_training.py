@@ -5,6 +5,7 @@ import torch
 
 from pngrow.workers.data import default_images
 from pngrow.workers.models import get_family
+from pngrow.workers.png import SharedNetwork
 from pngrow.workers.settings import TaskSettings
 from pngrow.workers.training import Optimisers, train_shared
 
@@ -128,3 +129,19 @@ def test_step_seconds_count_gradient_steps_not_the_callbacks_or_the_rung() -> No
                        log=lambda m: None, on_step=slow, at_rung=slow)
     calls = len(result.history) + 1  # every reported step, and the rung
     assert 0 < result.step_seconds < result.seconds - 0.1 * calls
+
+
+@pytest.mark.parametrize("events", [1, 4])
+def test_pruning_releases_blocks_in_the_settings_number_of_events(events: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    family = get_family("sisr", ["x2"], width=8, depth=1, lr_patch=8)
+    images = default_images("eval")
+    ratios: list[float] = []
+    prune = SharedNetwork.prune
+    monkeypatch.setattr(SharedNetwork, "prune", lambda self, ratio, scope="own": (ratios.append(ratio),
+                                                                                 prune(self, ratio, scope))[1])
+    settings = TaskSettings(grow_steps=2, prune_steps=4, prune_events=events, finetune_steps=2, batch_size=1)
+    train_shared(family, [settings], images, images.limit(1), log=lambda m: None)
+    assert ratios == pytest.approx([0.5 * (1 - (1 - k / events) ** 3) for k in range(1, events + 1)])
+    assert ratios[-1] == pytest.approx(0.5) and ratios == sorted(ratios)
+    with pytest.raises(ValueError, match="prune_events 0 must be at least 1"):
+        TaskSettings(prune_events=0)

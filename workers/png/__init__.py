@@ -6,12 +6,13 @@ from ._accounting import ModelCost, TaskCost, count_macs, model_cost, task_cost
 from ._blocks import BlockGrid, parse_block_shape
 from ._compact import (COMPACT_TOLERANCE, STRATEGIES, CompactionMismatch, CompactLayer, CompactModel, CompactNetwork,
                        LayerPlan, check_compaction, compact_task)
-from ._shared import (FREE, PRUNABLE_TYPES, PRUNE_SCOPES, SharedLayer, SharedNetwork, TaskRecord, UnknownTaskError, assign_tensor,
+from ._shared import (FREE, GROWTHS, PRUNABLE_TYPES, PRUNE_SCOPES, SharedLayer, SharedNetwork, TaskRecord, UnknownTaskError, assign_tensor,
                       head_prefixes)
 from ._storage import CheckpointError, checkpoint_tensors, load_shared, read_description, save_shared
 
 __all__ = [
     "FREE",
+    "GROWTHS",
     "PRUNABLE_TYPES",
     "PRUNE_SCOPES",
     "BlockGrid",

@@ -30,8 +30,8 @@ from torch.nn.utils import prune as prune_utils
 
 from ._blocks import BlockGrid, parse_block_shape
 
-__all__ = ["FREE", "PRUNABLE_TYPES", "PRUNE_SCOPES", "PruneCandidates", "PruneScope", "Reuse", "SharedLayer",
-           "SharedNetwork", "TaskRecord", "UnknownTaskError", "head_prefixes"]
+__all__ = ["FREE", "GROWTHS", "Growth", "PRUNABLE_TYPES", "PRUNE_SCOPES", "PruneCandidates", "PruneScope", "Reuse",
+           "SharedLayer", "SharedNetwork", "TaskRecord", "UnknownTaskError", "head_prefixes"]
 
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 Reuse = Literal["learned", "all", "none"]
@@ -39,6 +39,11 @@ REUSE_CHOICES = ("learned", "all", "none")
 # Which blocks a task's pruning releases: only its own new ones, or its own and its reused earlier ones.
 PruneScope = Literal["own", "active"]
 PRUNE_SCOPES = ("own", "active")
+# Where a later task's free blocks start: PyTorch's default initialisation (CPG's and the paper's growth), the values
+# an earlier task had trained them to before it released them, or zero (the task then starts computing exactly what
+# the last task committed, through the earlier blocks it selects, and grows from there).
+Growth = Literal["fresh", "released", "zero"]
+GROWTHS = ("fresh", "released", "zero")
 # The owner of a channel pair that no task owns yet (``SharedLayer.owner`` holds task indices otherwise).
 FREE = -1
 
@@ -243,19 +248,20 @@ class SharedLayer(nn.Module):
         return torch.where(own, self.growth, reused)
 
     # --- task life cycle -----------------------------------------------------------------------------------------
-    def begin(self, index: int, task: TaskRecord, reinit: bool) -> None:
-        """Start task ``index``: every block kept, a growth tensor (its free positions re-initialised when
-        ``reinit``) and a selection of the earlier blocks."""
+    def begin(self, index: int, task: TaskRecord, grow_from: Growth) -> None:
+        """Start task ``index``: every block kept, a growth tensor (its free positions as ``grow_from`` says)
+        and a selection of the earlier blocks."""
         grid = self.task_grid(task)
         device = self.weight.device
         self.kept[index] = torch.ones(grid.shape, dtype=torch.bool, device=device)
         has_earlier = grid.block_any(self.owned())
         self.selected[index] = has_earlier & (task.reuse != "none")
         growth = self.weight.detach().clone()
-        if reinit:
-            fresh = torch.empty_like(growth)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PyTorch's default for conv and linear weights
-            growth = torch.where(self.to_weight(self.owner == FREE), fresh, growth)
+        if grow_from != "released":
+            start = torch.zeros_like(growth)
+            if grow_from == "fresh":
+                nn.init.kaiming_uniform_(start, a=math.sqrt(5))  # PyTorch's default for conv and linear weights
+            growth = torch.where(self.to_weight(self.owner == FREE), start, growth)
         self.growth = nn.Parameter(growth)
         if task.reuse == "learned" and bool(has_earlier.any()):
             # Start with every earlier block selected (CPG's picking starts from the full model).
@@ -313,7 +319,7 @@ class SharedLayer(nn.Module):
     def commit(self, index: int, task: TaskRecord) -> None:
         """Task ``index`` owns its kept free channel pairs, their weights are written, its growth dropped. The free
         pairs it released keep the values it had trained them to (no task computes with them), which a later task
-        may grow from (``begin_task(..., reinit=False)``)."""
+        may grow from (``begin_task(..., grow_from="released")``)."""
         assert self.growth is not None
         self.fix_selection(index)
         own = self.own_plane(index, task)
@@ -416,10 +422,10 @@ class SharedNetwork(nn.Module):
 
     def begin_task(
         self, name: str, block_shape: tuple[int, int] | str = (4, 4), reuse: Reuse = "learned",
-        reinit: bool | None = None, paired: bool = False,
+        grow_from: Growth = "fresh", paired: bool = False,
     ) -> None:
-        """Start growing task ``name`` into the free blocks: re-initialised (``reinit``; by default unless it is the
-        first task), or from the values they hold (an earlier task's training, up to when it released them).
+        """Start growing task ``name`` into the free blocks, which start as ``grow_from`` (one of :data:`GROWTHS`)
+        says; the first task starts from the weights the model holds.
 
         ``paired``: the task prunes only the network's ``channel_pairs`` (and, in the active scope, its own head),
         each by channels, as many as its blocks have outputs, released from the producer's outputs and the consumer's
@@ -435,17 +441,18 @@ class SharedNetwork(nn.Module):
             raise ValueError(f"task {name!r} already exists")
         if reuse not in REUSE_CHOICES:
             raise ValueError(f"reuse {reuse!r} is not one of {', '.join(REUSE_CHOICES)}")
+        if grow_from not in GROWTHS:
+            raise ValueError(f"grow_from {grow_from!r} is not one of {', '.join(GROWTHS)}")
         task = TaskRecord(name, parse_block_shape(block_shape), reuse, paired=paired)
         if not any(bool((layer.owner == FREE).any()) for layer in self.shared_layers()):
             raise RuntimeError(f"no free blocks left to grow task {name!r}: prune an earlier task first")
-        reinit = bool(self.tasks) if reinit is None else reinit
         previous = self.tasks[-1] if self.tasks else None
         index = len(self.tasks)
         self.activate_none()
         self.tasks.append(task)
         task.local_state = _clone(previous.local_state) if previous else self._live_local_state()
         for layer in self.shared_layers():
-            layer.begin(index, task, reinit)
+            layer.begin(index, task, grow_from if index else "released")
         self.activate(name)
 
     def prune(self, ratio: float, scope: PruneScope = "own") -> None:

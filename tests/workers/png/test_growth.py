@@ -1,12 +1,14 @@
-"""Where a later task's free blocks start: fresh (PyTorch's initialisation) or from what an earlier task trained them
-to before releasing them; either way the earlier task is untouched."""
+"""Where a later task's free blocks start: fresh (PyTorch's initialisation), from what an earlier task trained them
+to before releasing them, or zero; either way the earlier task is untouched."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pngrow.workers.png import FREE
+from torch import nn
+
+from pngrow.workers.png import FREE, SharedNetwork
 from pngrow.workers.settings import TaskSettings
 from tests.conftest import make_toy, train_task
 
@@ -28,7 +30,7 @@ def test_released_blocks_keep_what_the_task_trained_them_to_and_a_later_task_may
         # trained by a until released: no longer the initial values, and not zeroed
         assert not torch.equal(layer.weight[free], before[layer.name][free]) and layer.weight[free].abs().sum() > 0
     kept = {layer.name: layer.weight[released[layer.name]].clone() for layer in shared.shared_layers()}
-    shared.begin_task("b", (4, 4), reinit=False)
+    shared.begin_task("b", (4, 4), grow_from="released")
     for layer in shared.shared_layers():
         assert torch.equal(layer.growth.detach()[released[layer.name]], kept[layer.name])
     shared.prune(0.5)
@@ -47,7 +49,18 @@ def test_fresh_growth_reinitialises_the_released_blocks() -> None:
                for layer in shared.shared_layers() if released[layer.name].any())
 
 
+def test_zero_growth_starts_the_task_computing_what_the_last_task_committed(toy_input) -> None:
+    torch.manual_seed(0)  # no task heads: a task differs from the last one only by its blocks
+    shared = SharedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)))
+    train_task(shared, "a", ratio=0.5, steps=6)
+    shared.eval()
+    out_a = shared("a", toy_input)
+    shared.begin_task("b", (4, 4), grow_from="zero")
+    assert any(bool(_released(shared)[layer.name].any()) for layer in shared.shared_layers())
+    assert torch.equal(shared("b", toy_input), out_a)
+
+
 def test_grow_from_names_one_of_its_choices() -> None:
     assert TaskSettings(grow_from="released").grow_from == "released"
-    with pytest.raises(ValueError, match="grow_from 'base' is not one of fresh, released"):
+    with pytest.raises(ValueError, match="grow_from 'base' is not one of fresh, released, zero"):
         TaskSettings(grow_from="base")
