@@ -60,7 +60,8 @@ class Budget:
     eval_images: int | None  # the first N of the evaluation folder; None for all
     latency_size: int  # side of the square input latency is measured on
     latency_rounds: int
-    block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")  # "<shape>[/<scope>][+paired][@<ratio>]"
+    # "<shape>[/<scope>][+paired][+released|+zero][@<ratio>]"
+    block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")
     prune_ratio: float = 0.5
     prune_events: int = 10  # how many steps of PnG's pruning release blocks (see TaskSettings)
     reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects

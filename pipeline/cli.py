@@ -118,7 +118,7 @@ class _Run(_Command):
         add("--grow-from",
             help="where a later task's free blocks start: PyTorch's initialisation (fresh), as an earlier task left "
                  "them when it released them (released), or zero, so that the task starts computing what the last "
-                 "one committed (family default when omitted)")
+                 "one committed (default fresh)")
         for name in ("grow-steps", "prune-steps", "prune-events", "finetune-steps", "batch-size"):
             add(f"--{name}", type=int, help="family default when omitted")
         add("--precision", choices=("native", *PRECISIONS),

@@ -42,7 +42,7 @@ def make_toy() -> SharedNetwork:
 
 
 def train_task(shared: SharedNetwork, name: str, block_shape=(4, 4), ratio=0.5, reuse="learned", steps=5,
-               target: float = 0.0, weight_decay: float = 0.1) -> None:
+               target: float = 0.0, weight_decay: float = 0.1, scope: str = "own") -> None:
     """Grow, prune and commit a task with an optimiser that would move frozen weights if it could."""
     shared.train()
     shared.begin_task(name, block_shape, reuse)
@@ -53,7 +53,7 @@ def train_task(shared: SharedNetwork, name: str, block_shape=(4, 4), ratio=0.5, 
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     for step in range(steps):
         if step == steps // 2:
-            shared.prune(ratio)
+            shared.prune(ratio, scope)  # type: ignore[arg-type]
         loss = (shared(name, x) - target).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -88,8 +88,8 @@ class TaskSettings:
         for name in ("grow_steps", "prune_steps", "finetune_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)!r} is negative")
-        if self.prune_events < 1:
-            raise ValueError(f"prune_events {self.prune_events!r} must be at least 1")
+        if isinstance(self.prune_events, bool) or not isinstance(self.prune_events, int) or self.prune_events < 1:
+            raise ValueError(f"prune_events {self.prune_events!r} must be a whole number, at least 1")
         if self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
         if self.prune_scope not in PRUNE_SCOPES:
@@ -99,6 +99,8 @@ class TaskSettings:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not true or false")
         if self.grow_from not in GROWTHS:
             raise ValueError(f"grow_from {self.grow_from!r} is not one of {', '.join(GROWTHS)}")
+        if self.grow_from == "zero" and self.paired:
+            raise ValueError("grow_from 'zero' does not go with paired: a released channel pair would never learn")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not (self.lr > 0 and self.selection_lr > 0):

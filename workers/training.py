@@ -96,8 +96,7 @@ def prune_schedule(ratio: float, steps: int, events: int = 10) -> dict[int, floa
     if steps == 0:
         return {0: ratio}
     events = max(1, min(events, steps))
-    interval = steps // events
-    return {(k - 1) * interval: ratio * (1 - (1 - k / events) ** 3) for k in range(1, events + 1)}
+    return {(k - 1) * steps // events: ratio * (1 - (1 - k / events) ** 3) for k in range(1, events + 1)}
 
 
 def _task_optimisers(shared: SharedNetwork, family: Family, settings: TaskSettings) -> Optimisers:

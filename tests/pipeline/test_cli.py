@@ -87,7 +87,7 @@ def test_run_nic_reports_bpp(image_folder: Path, tmp_path: Path) -> None:
         (["--data", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
         (["--eval-limit", "0"], "--eval-limit 0"),
         (["--grow-from", "seeds"], "grow_from 'seeds' is not one of fresh, released, zero"),
-        (["--prune-events", "0"], "prune_events 0 must be at least 1"),
+        (["--prune-events", "0"], "prune_events 0 must be a whole number, at least 1"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_value(extra: list[str], message: str, capsys) -> None:

@@ -139,9 +139,10 @@ def test_pruning_releases_blocks_in_the_settings_number_of_events(events: int, m
     prune = SharedNetwork.prune
     monkeypatch.setattr(SharedNetwork, "prune", lambda self, ratio, scope="own": (ratios.append(ratio),
                                                                                  prune(self, ratio, scope))[1])
-    settings = TaskSettings(grow_steps=2, prune_steps=4, prune_events=events, finetune_steps=2, batch_size=1)
+    settings = TaskSettings(grow_steps=2, prune_steps=8, prune_events=events, finetune_steps=2, batch_size=1)
     train_shared(family, [settings], images, images.limit(1), log=lambda m: None)
     assert ratios == pytest.approx([0.5 * (1 - (1 - k / events) ** 3) for k in range(1, events + 1)])
     assert ratios[-1] == pytest.approx(0.5) and ratios == sorted(ratios)
-    with pytest.raises(ValueError, match="prune_events 0 must be at least 1"):
-        TaskSettings(prune_events=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"prune_events {bad!r} must be a whole number, at least 1"):
+            TaskSettings(prune_events=bad)  # type: ignore[arg-type]

@@ -6,8 +6,8 @@ from ._accounting import ModelCost, TaskCost, count_macs, model_cost, task_cost
 from ._blocks import BlockGrid, parse_block_shape
 from ._compact import (COMPACT_TOLERANCE, STRATEGIES, CompactionMismatch, CompactLayer, CompactModel, CompactNetwork,
                        LayerPlan, check_compaction, compact_task)
-from ._shared import (FREE, GROWTHS, PRUNABLE_TYPES, PRUNE_SCOPES, SharedLayer, SharedNetwork, TaskRecord, UnknownTaskError, assign_tensor,
-                      head_prefixes)
+from ._shared import (FREE, GROWTHS, PRUNABLE_TYPES, PRUNE_SCOPES, SharedLayer, SharedNetwork, TaskRecord,
+                      UnknownTaskError, assign_tensor, head_prefixes)
 from ._storage import CheckpointError, checkpoint_tensors, load_shared, read_description, save_shared
 
 __all__ = [

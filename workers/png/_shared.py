@@ -40,8 +40,8 @@ REUSE_CHOICES = ("learned", "all", "none")
 PruneScope = Literal["own", "active"]
 PRUNE_SCOPES = ("own", "active")
 # Where a later task's free blocks start: PyTorch's default initialisation (CPG's and the paper's growth), the values
-# an earlier task had trained them to before it released them, or zero (the task then starts computing exactly what
-# the last task committed, through the earlier blocks it selects, and grows from there).
+# an earlier task had trained them to before it released them, or zero (with the last task's selection, the task then
+# starts computing what the last task committed, and grows from there; see SharedNetwork.begin_task).
 Growth = Literal["fresh", "released", "zero"]
 GROWTHS = ("fresh", "released", "zero")
 # The owner of a channel pair that no task owns yet (``SharedLayer.owner`` holds task indices otherwise).
@@ -248,9 +248,9 @@ class SharedLayer(nn.Module):
         return torch.where(own, self.growth, reused)
 
     # --- task life cycle -----------------------------------------------------------------------------------------
-    def begin(self, index: int, task: TaskRecord, grow_from: Growth) -> None:
+    def begin(self, index: int, task: TaskRecord, grow_from: Growth, previous: TaskRecord | None) -> None:
         """Start task ``index``: every block kept, a growth tensor (its free positions as ``grow_from`` says)
-        and a selection of the earlier blocks."""
+        and a selection of the earlier blocks (``previous``: the last committed task, if any)."""
         grid = self.task_grid(task)
         device = self.weight.device
         self.kept[index] = torch.ones(grid.shape, dtype=torch.bool, device=device)
@@ -264,8 +264,12 @@ class SharedLayer(nn.Module):
             growth = torch.where(self.to_weight(self.owner == FREE), start, growth)
         self.growth = nn.Parameter(growth)
         if task.reuse == "learned" and bool(has_earlier.any()):
-            # Start with every earlier block selected (CPG's picking starts from the full model).
-            self.scores = nn.Parameter(torch.full(grid.shape, 1e-2, device=device))
+            # Start with every earlier block selected (CPG's picking starts from the full model); growing from zero,
+            # only those the last task computes with, so that the task starts computing what that task committed.
+            start = torch.full(grid.shape, 1e-2, device=device)
+            if grow_from == "zero" and previous is not None:
+                start = torch.where(grid.block_any(self.active_plane(index - 1, previous)), start, -start)
+            self.scores = nn.Parameter(start)
         else:
             self.scores = None
 
@@ -425,7 +429,10 @@ class SharedNetwork(nn.Module):
         grow_from: Growth = "fresh", paired: bool = False,
     ) -> None:
         """Start growing task ``name`` into the free blocks, which start as ``grow_from`` (one of :data:`GROWTHS`)
-        says; the first task starts from the weights the model holds.
+        says; the first task starts from the weights the model holds. With ``"zero"`` and a learned selection, the
+        task starts selecting exactly the earlier blocks the last task computes with, so (with the same block shape
+        and no task heads) it starts computing what the last task committed. ``"zero"`` does not go with ``paired``:
+        a released pair's producer rows and consumer columns would both start at zero, and neither could learn.
 
         ``paired``: the task prunes only the network's ``channel_pairs`` (and, in the active scope, its own head),
         each by channels, as many as its blocks have outputs, released from the producer's outputs and the consumer's
@@ -443,6 +450,9 @@ class SharedNetwork(nn.Module):
             raise ValueError(f"reuse {reuse!r} is not one of {', '.join(REUSE_CHOICES)}")
         if grow_from not in GROWTHS:
             raise ValueError(f"grow_from {grow_from!r} is not one of {', '.join(GROWTHS)}")
+        if paired and grow_from == "zero":
+            raise ValueError(f"task {name!r}: a paired task cannot grow from zero (its released channels would never "
+                             "learn); grow it fresh or from the released values")
         task = TaskRecord(name, parse_block_shape(block_shape), reuse, paired=paired)
         if not any(bool((layer.owner == FREE).any()) for layer in self.shared_layers()):
             raise RuntimeError(f"no free blocks left to grow task {name!r}: prune an earlier task first")
@@ -452,7 +462,7 @@ class SharedNetwork(nn.Module):
         self.tasks.append(task)
         task.local_state = _clone(previous.local_state) if previous else self._live_local_state()
         for layer in self.shared_layers():
-            layer.begin(index, task, grow_from if index else "released")
+            layer.begin(index, task, grow_from if index else "released", previous)
         self.activate(name)
 
     def prune(self, ratio: float, scope: PruneScope = "own") -> None:

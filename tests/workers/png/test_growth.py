@@ -51,13 +51,24 @@ def test_fresh_growth_reinitialises_the_released_blocks() -> None:
 
 def test_zero_growth_starts_the_task_computing_what_the_last_task_committed(toy_input) -> None:
     torch.manual_seed(0)  # no task heads: a task differs from the last one only by its blocks
-    shared = SharedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)))
+    shared = SharedNetwork(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)))
     train_task(shared, "a", ratio=0.5, steps=6)
+    train_task(shared, "b", ratio=0.5, steps=6, scope="active")  # b deselects some of a's blocks
+    assert any(not bool(layer.masks(1)[1][layer.grid((4, 4)).block_any(layer.owner == 0)].all())
+               for layer in shared.shared_layers())
     shared.eval()
-    out_a = shared("a", toy_input)
-    shared.begin_task("b", (4, 4), grow_from="zero")
+    out_b = shared("b", toy_input)
+    shared.begin_task("c", (4, 4), grow_from="zero")
     assert any(bool(_released(shared)[layer.name].any()) for layer in shared.shared_layers())
-    assert torch.equal(shared("b", toy_input), out_a)
+    assert torch.equal(shared("c", toy_input), out_b)
+
+
+def test_a_paired_task_cannot_grow_from_zero() -> None:
+    with pytest.raises(ValueError, match="a paired task cannot grow from zero"):
+        SharedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), channel_pairs=[("0", "2")]
+                      ).begin_task("a", (4, 4), grow_from="zero", paired=True)
+    with pytest.raises(ValueError, match="grow_from 'zero' does not go with paired"):
+        TaskSettings(grow_from="zero", paired=True)
 
 
 def test_grow_from_names_one_of_its_choices() -> None:
