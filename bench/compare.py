@@ -4,7 +4,8 @@ Systems, each trained for ``steps`` gradient steps per task at the same batch si
 
 * ``separate``: one dense model per task (CompressAI's per-quality zoo, BasicSR's per-scale EDSR runs);
 * ``png-<block>[-active][-<growth>][-r<ratio>]``: one PnG shared model per block spec
-  ``<shape>[/active][+<growth>][@<ratio>]`` (grow 60%, prune 20%, fine-tune 20% of the steps); ``-active`` prunes with
+  ``<shape>[/active][+<growth>][@<ratio>]`` (by default grow 60%, prune 20%, fine-tune 20% of the steps: the
+  budget's ``png_phases``); ``-active`` prunes with
   ``prune_scope="active"`` (a later task's reused blocks are pruned too, so it compacts), ``+released`` or ``+zero``
   says where a later task's free blocks start (default fresh; see :data:`~pngrow.workers.png.GROWTHS`),
   ``-r<ratio>`` prunes to that ratio instead of the budget's 0.5;
@@ -64,6 +65,7 @@ class Budget:
     block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")
     prune_ratio: float = 0.5
     prune_events: int = 10  # how many steps of PnG's pruning release blocks (see TaskSettings)
+    png_phases: tuple[float, float] = (0.6, 0.2)  # PnG's shares of a task's steps that grow and prune; rest fine-tune
     reuse_penalty: float = 0.0  # PnG's loss weight on the share of earlier blocks a later task selects
     # A dense model trained first for base_steps at base_task, which every learned system starts from (task 1 of PnG,
     # each separate model, the joint model): the fair way to spend a long budget once (0: all start from scratch).
@@ -81,8 +83,8 @@ BUDGETS: dict[tuple[str, str], Budget] = {
     ("sisr", "full"): Budget(("x2", "x3", "x4"), 30000, 16, 2e-4, {"width": 64, "depth": 16}, None, 256, 30),
     ("nic", "quick"): Budget(("q7", "q5", "q3", "q1"), 250, 4, 5e-4, {"N": 64, "M": 96}, 6, 256, 15),
     ("nic", "cpu"): Budget(("q1", "q2", "q3", "q4"), 2500, 8, 5e-4, {"N": 64, "M": 96}, None, 512, 15,
-                           ("8x1024/active+zero",), prune_events=100, base_steps=15000, base_task="q3",
-                           classic=("jpeg", "webp"), precision="bfloat16", channels_last=True),
+                           ("8x1024/active+zero",), prune_events=100, png_phases=(0.3, 0.35), base_steps=15000,
+                           base_task="q3", classic=("jpeg", "webp"), precision="bfloat16", channels_last=True),
     ("nic", "full"): Budget(("q7", "q5", "q3", "q1"), 100000, 8, 1e-4, {"N": 128, "M": 192}, None, 512, 30),
 }
 
@@ -148,8 +150,8 @@ def _task_settings(budget: Budget, block_shape: str | None, seed: int) -> TaskSe
     if block_shape is None:  # a dense model: every step grows, nothing is pruned
         return TaskSettings(prune_ratio=0.0, reuse="none", grow_steps=budget.steps, prune_steps=0, finetune_steps=0,
                             **common)
-    grow = round(0.6 * budget.steps)
-    prune = round(0.2 * budget.steps)
+    grow = round(budget.png_phases[0] * budget.steps)
+    prune = round(budget.png_phases[1] * budget.steps)
     shape, scope, flags, ratio = _parse_spec(block_shape)
     return TaskSettings(block_shape=parse_block_shape(shape),
                         prune_ratio=budget.prune_ratio if ratio is None else ratio,
@@ -594,9 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     base = f", all from a dense {budget.base_task} model of {budget.base_steps} steps" if budget.base_steps else ""
     header = (f"{args.family.upper()} benchmark, {args.budget} budget ({budget.steps} steps per task per system{base}, "
-              f"batch {budget.batch_size}, {budget.arch}, PnG reuse penalty {budget.reuse_penalty:g}, "
-              f"{budget.prune_events} prune events), evaluated on "
-              f"{len(evaluation)} images of {evaluation.source}; {machine(args.device)}; {seconds / 60:.1f} min, "
+              f"batch {budget.batch_size}, {budget.arch}; PnG grows {budget.png_phases[0]:.0%} and prunes "
+              f"{budget.png_phases[1]:.0%} of a task's steps in {budget.prune_events} events, reuse penalty "
+              f"{budget.reuse_penalty:g}), evaluated on {len(evaluation)} images of {evaluation.source}; "
+              f"{machine(args.device)}; {seconds / 60:.1f} min, "
               f"seed {args.seed}. Command: `{command}`")
     import pandas as pd
 

@@ -141,7 +141,8 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
     assert len(table) == 10 and {"psnr", "ms_ssim", "latency_ms", "stored_params"} <= set(table.columns)
     markdown = (out / "sisr-quick.md").read_text()
     assert "| png-4x4 | x4 |" in markdown and "python -m bench sisr --budget quick" in markdown
-    assert "PnG reuse penalty 0.5" in markdown
+    assert "reuse penalty 0.5" in markdown
+    assert "PnG grows 60% and prunes 20% of a task's steps in 10 events" in markdown
     budget = json.loads((out / "sisr-quick.json").read_text())["budget"]
     assert budget["steps"] == 3 and budget["reuse_penalty"] == 0.5
     assert (out / "sisr-quick.png").read_bytes()[:4] == b"\x89PNG"
@@ -197,9 +198,11 @@ def test_a_png_spec_names_its_block_shape_scope_and_prune_ratio(capsys: pytest.C
     assert (paired.paired, paired.prune_scope, paired.prune_ratio) == (True, "active", 0.4)
     assert not compare._task_settings(TINY_SISR, "8x1024/active", seed=0).paired
     assert compare._system("8x1024/active+paired@0.4") == "png-8x1024-active-paired-r0.4"
-    zero = compare._task_settings(replace(TINY_SISR, prune_events=7), "8x1024/active+zero", seed=0)
+    zero = compare._task_settings(replace(TINY_SISR, prune_events=7, steps=20, png_phases=(0.3, 0.35)),
+                                  "8x1024/active+zero", seed=0)
     assert (zero.grow_from, zero.prune_events, compare._system("8x1024/active+zero")) == ("zero", 7,
                                                                                          "png-8x1024-active-zero")
+    assert (zero.grow_steps, zero.prune_steps, zero.finetune_steps) == (6, 7, 7)
     assert compare._task_settings(TINY_SISR, "4x4+released", seed=0).grow_from == "released"
     assert compare._task_settings(TINY_SISR, "4x4", seed=0).grow_from == "fresh"
     for spec, message in (("8x1024@half", "prune ratio 'half' is not a number"),
