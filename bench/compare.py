@@ -5,10 +5,9 @@ Systems, each trained for ``steps`` gradient steps per task at the same batch si
 * ``separate``: one dense model per task (CompressAI's per-quality zoo, BasicSR's per-scale EDSR runs);
 * ``png-<block>[-active][-<growth>][-r<ratio>]``: one PnG shared model per block spec
   ``<shape>[/active][+<growth>][@<ratio>]`` (by default grow 60%, prune 20%, fine-tune 20% of the steps: the
-  budget's ``png_phases``); ``-active`` prunes with
-  ``prune_scope="active"`` (a later task's reused blocks are pruned too, so it compacts), ``+released`` or ``+zero``
-  says where a later task's free blocks start (default fresh; see :data:`~pngrow.workers.png.GROWTHS`),
-  ``-r<ratio>`` prunes to that ratio instead of the budget's 0.5;
+  budget's ``png_phases``); ``-active`` prunes with ``prune_scope="active"`` (a later task's reused blocks are pruned
+  too, so it compacts), ``+released`` or ``+zero`` says where a later task's free blocks start (default fresh; see
+  :data:`~pngrow.workers.png.GROWTHS`), ``-r<ratio>`` prunes to that ratio instead of the budget's 0.5;
 * ``joint``: one fully shared model trained on all tasks in turn (see :mod:`bench.baselines`).
 
 Measured per task: PSNR and MS-SSIM (SISR on Y, border cropped by the scale; NIC on RGB), bpp from real bitstreams
