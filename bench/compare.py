@@ -176,11 +176,11 @@ def _training_log(log: Callable[[str], None], system: str) -> Callable[[str], No
 
 
 def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image: ImageSet, device: str, seed: int,
-                   log: Callable[[str], None]) -> _Trained:
+                   log: Callable[[str], None], base: Path | None) -> _Trained:
     """Train the separate models, one PnG model per block spec and the joint model under one budget."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    initial = _train_base(family, budget, train, device, seed, log) if budget.base_steps else None
+    initial = _base(family, budget, train, device, seed, log, base) if budget.base_steps else None
     seconds["base"] = time.perf_counter() - start
     start = time.perf_counter()
     separate = {}
@@ -207,6 +207,56 @@ def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image:
     return _Trained(separate, png, joint, seconds)
 
 
+def base_provenance(family: Family, budget: Budget, train: ImageSet, seed: int) -> dict[str, str]:
+    """What makes a base model what it is; stored in a saved base's metadata and checked when it is reused.
+
+    >>> from pngrow.workers.data import ImageSet
+    >>> base_provenance(get_family("nic", ["q3"]), BUDGETS[("nic", "cpu")], ImageSet("photos", (), ()), 0)["steps"]
+    '15000'
+    """
+    return {"family": family.name, "arch": json.dumps(budget.arch, sort_keys=True), "task": budget.base_task,
+            "steps": str(budget.base_steps), "batch_size": str(budget.batch_size), "lr": f"{budget.lr:g}",
+            "precision": budget.precision, "channels_last": str(budget.channels_last), "seed": str(seed),
+            "train": f"{train.source} ({len(train)} images)"}
+
+
+def check_base(path: Path, wanted: dict[str, str]) -> None:
+    """Raise ValueError (one line naming the file and the field) unless ``path`` is a saved base of provenance
+    ``wanted`` (see :func:`base_provenance`)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            saved = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"--base {str(path)!r} is not a safetensors file: {error}") from None
+    differs = next((k for k in wanted if saved.get(k) != wanted[k]), None)
+    if differs:
+        raise ValueError(f"--base {str(path)!r} was trained with {differs} {saved.get(differs)!r}, not "
+                         f"{wanted[differs]!r}")
+
+
+def _base(family: Family, budget: Budget, train: ImageSet, device: str, seed: int, log: Callable[[str], None],
+          path: Path | None) -> dict[str, torch.Tensor]:
+    """The base model's state dict: read from ``path`` where a base of the same provenance was saved there (another
+    provenance is one line naming the field), else trained and, with a ``path``, saved there."""
+    from safetensors.torch import load_file, save_file
+
+    wanted = base_provenance(family, budget, train, seed)
+    if path is not None and path.is_file():
+        check_base(path, wanted)
+        log(f"base: {budget.base_steps} steps at {budget.base_task}, read from {path}")
+        return load_file(str(path))
+    state = _train_base(family, budget, train, device, seed, log)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(partial), metadata=wanted)
+        partial.replace(path)  # a killed save leaves no file that reads as a base
+        log(f"base: saved to {path}")
+    return state
+
+
 def _train_base(family: Family, budget: Budget, train: ImageSet, device: str, seed: int,
                 log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     """The dense state dict every learned system starts from: the family's model trained ``base_steps`` at
@@ -220,11 +270,13 @@ def _train_base(family: Family, budget: Budget, train: ImageSet, device: str, se
 
 
 def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation: ImageSet, device: str = "cpu",
-                  seed: int = 0, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Any]]:
-    """Train and measure every system; returns the per-task rows and a per-system summary."""
+                  seed: int = 0, log: Callable[[str], None] = print,
+                  base: Path | None = None) -> tuple[list[Row], dict[str, Any]]:
+    """Train and measure every system; returns the per-task rows and a per-system summary. ``base`` is a file the
+    budget's base model is read from (where one of the same provenance is there) or saved to."""
     family = get_family(family_name, list(budget.tasks), **budget.arch)
     # The first image checks each task as its training ends; every system is measured on the whole set below.
-    trained = _train_systems(family, budget, train, evaluation.limit(1), device, seed, log)
+    trained = _train_systems(family, budget, train, evaluation.limit(1), device, seed, log, base)
     # "One dense model" is the mean of the separate ones (SISR's tails differ in size by scale).
     dense_params = round(statistics.mean(model_cost(job.shared).stored_params for job in trained.separate.values()))
     stored = {
@@ -507,6 +559,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reuse-penalty", type=float, default=None,
                         help="PnG's loss weight on the share of earlier blocks a later task reuses (default 0)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="a safetensors file for the base model: read where one of the same budget, seed and "
+                             "training set is there, else trained and saved there (a rerun skips the base's steps)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -586,14 +641,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here")
     train, evaluation = _images(parser, args, budget)
+    base_read = args.base is not None and args.base.is_file()
+    if args.base is not None and not budget.base_steps:
+        parser.error(f"--base {str(args.base)!r}: the {args.budget} budget trains no base model")
+    if base_read:
+        try:
+            check_base(args.base, base_provenance(get_family(args.family, [budget.base_task], **budget.arch), budget,
+                                                  train, args.seed))
+        except ValueError as error:
+            parser.error(str(error))
     start = time.perf_counter()
     rows, summary = run_benchmark(args.family, budget, train, evaluation, args.device, args.seed,
-                                  log=lambda message: print(message, file=sys.stderr, flush=True))
+                                  log=lambda message: print(message, file=sys.stderr, flush=True), base=args.base)
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (f"{args.family}-{args.budget}" + ("" if args.seed == 0 else f"-seed{args.seed}"))
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     base = f", all from a dense {budget.base_task} model of {budget.base_steps} steps" if budget.base_steps else ""
+    base += f" read from {args.base}" if base_read else ""
     header = (f"{args.family.upper()} benchmark, {args.budget} budget ({budget.steps} steps per task per system{base}, "
               f"batch {budget.batch_size}, {budget.arch}; PnG grows {budget.png_phases[0]:.0%} and prunes "
               f"{budget.png_phases[1]:.0%} of a task's steps in {budget.prune_events} events, reuse penalty "

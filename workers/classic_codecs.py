@@ -66,29 +66,33 @@ class ClassicCodec:
         n = len(bpps)
         return CurvePoint(quality, sum(bpps) / n, sum(psnrs) / n, sum(similarity) / n)
 
+    def bpp(self, images: Sequence[torch.Tensor], quality: int) -> float:
+        """Mean bits per pixel of ``images`` coded at ``quality``: the files only, nothing decoded or scored."""
+        return sum(8 * self.code(image, quality)[0] / (image.shape[1] * image.shape[2]) for image in images) / len(images)
+
     def curve(self, images: Sequence[torch.Tensor], low_bpp: float, high_bpp: float) -> list[CurvePoint]:
         """The codec's points whose mean bpp spans [``low_bpp``, ``high_bpp``], with one point beyond each end
-        where the codec reaches it (two points at least), by rising quality. Bisects the quality settings, so few
-        are measured."""
-        measured: dict[int, CurvePoint] = {}
+        where the codec reaches it (two points at least), by rising quality. Bisects the quality settings on their
+        files' sizes alone; only the chosen points are decoded and scored."""
+        rates: dict[int, float] = {}
 
-        def point(quality: int) -> CurvePoint:
-            if quality not in measured:
-                measured[quality] = self.measure(images, quality)
-            return measured[quality]
+        def rate(quality: int) -> float:
+            if quality not in rates:
+                rates[quality] = self.bpp(images, quality)
+            return rates[quality]
 
         def first_at_least(bpp: float) -> int:  # the lowest quality index whose bpp reaches ``bpp`` (bpp rises)
             low, high = 0, len(self.qualities) - 1
             while low < high:
                 middle = (low + high) // 2
-                low, high = (middle + 1, high) if point(self.qualities[middle]).bpp < bpp else (low, middle)
+                low, high = (middle + 1, high) if rate(self.qualities[middle]) < bpp else (low, middle)
             return low
 
         end = max(1, min(len(self.qualities) - 1, first_at_least(high_bpp)))  # two points at least: a curve
         start = max(0, min(first_at_least(low_bpp) - 1, end - 1))
         step = max(1, (end - start) // 8)  # about ten points along the span
         chosen = sorted({*range(start, end + 1, step), end})
-        return [point(self.qualities[i]) for i in chosen]
+        return [self.measure(images, self.qualities[i]) for i in chosen]
 
 
 CLASSIC_CODECS = {"jpeg": ClassicCodec("jpeg", "JPEG"), "webp": ClassicCodec("webp", "WEBP")}

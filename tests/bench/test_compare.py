@@ -257,6 +257,23 @@ def test_a_codec_spending_a_known_share_of_jpeg_s_rate_has_that_bd_rate_against_
     assert "| png-8x1024-active | 1 | 1.00x | +10.0% | +10.0% | -23.0% | 1 |" in table
 
 
+def test_a_saved_base_is_read_by_a_rerun_of_the_same_provenance_and_refused_by_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained, starts = [], []
+    real_base, real_train = compare._train_base, compare.train_shared
+    monkeypatch.setattr(compare, "_train_base", lambda *a: trained.append(1) or real_base(*a))
+    monkeypatch.setattr(compare, "train_shared", lambda *a: starts.append(a[-1]) or real_train(*a))
+    budget = replace(TINY_NIC, tasks=("q1", "q4"), block_shapes=(), base_steps=2, base_task="q3")
+    train, evaluation, path = _images(2, 128), _images(1, 128, seed=1), tmp_path / "base.safetensors"
+    for _ in range(2):
+        run_benchmark("nic", budget, train, evaluation, log=lambda m: None, base=path)
+    assert len(trained) == 1 and path.is_file() and not path.with_name("base.safetensors.partial").exists()
+    assert starts[0].keys() == starts[2].keys()
+    assert all(torch.equal(starts[0][k], starts[2][k]) for k in starts[0])  # the rerun starts where the first did
+    with pytest.raises(ValueError, match=f"--base '{path}' was trained with seed '0', not '1'"):
+        run_benchmark("nic", budget, train, evaluation, seed=1, log=lambda m: None, base=path)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -12,7 +12,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from pngrow.workers.classic_codecs import CLASSIC_CODECS, CurvePoint, psnr_at_rate
+from pngrow.workers.classic_codecs import CLASSIC_CODECS, ClassicCodec, CurvePoint, psnr_at_rate
 
 
 def _photos() -> list[torch.Tensor]:
@@ -35,14 +35,18 @@ def test_a_quality_setting_is_measured_from_the_real_file(name: str) -> None:
         decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")).astype(np.float64)
         bpps.append(8 * len(buffer.getvalue()) / (array.shape[0] * array.shape[1]))
         psnrs.append(10 * math.log10(255**2 / np.mean((decoded - array) ** 2)))
-    assert point.bpp == pytest.approx(np.mean(bpps), rel=1e-12)
+    assert point.bpp == pytest.approx(np.mean(bpps), rel=1e-12) == codec.bpp(images, 40)
     assert point.psnr == pytest.approx(np.mean(psnrs), rel=1e-6)  # pngrow divides by 255 in float32 first
     assert 0.5 < point.ms_ssim < 1 and 20 < point.psnr < 45
 
 
-def test_a_curve_spans_the_asked_rates_with_one_point_beyond_each_end() -> None:
+def test_a_curve_spans_the_asked_rates_with_one_point_beyond_each_end(monkeypatch: pytest.MonkeyPatch) -> None:
     codec, images = CLASSIC_CODECS["jpeg"], _photos()
+    scored = []
+    measure = ClassicCodec.measure
+    monkeypatch.setattr(ClassicCodec, "measure", lambda self, *a: scored.append(a[1]) or measure(self, *a))
     points = codec.curve(images, 0.5, 1.0)
+    assert scored == [p.quality for p in points]  # the bisection reads file sizes; only the curve is scored
     rates = [p.bpp for p in points]
     assert [p.quality for p in points] == sorted(p.quality for p in points) and rates == sorted(rates)
     assert rates[0] < 0.5 and rates[-1] >= 1.0 and 4 <= len(points) <= 12
