@@ -224,6 +224,9 @@ class SearchRun:
         workers = list(self.memory.workers.values())
         return {"run": self.label, "nodes": self.nodes, "wall_seconds": self.wall_seconds,
                 "outside_training": self.summary.get("overhead"),
+                "phase_seconds": self.summary.get("phase_seconds", {}),
+                "trial_outside_training_seconds": statistics.mean(
+                    (t["trial_seconds"] or 0) - (t["train_seconds"] or 0) for t in self.trials),
                 "stage_trial_seconds": {task: statistics.mean(v) for task, v in by_task.items()},
                 "first_step_seconds": first_steps,
                 "decode_seconds": self.decode_seconds,

@@ -271,7 +271,7 @@ def _search_summary(result: Any) -> dict[str, Any]:
     return {
         "search_id": result.search_id, "name": result.name, "model_uri": result.model_uri,
         "wall_seconds": result.wall_seconds, "train_seconds": result.train_seconds, "overhead": result.overhead,
-        "utilisation": result.utilisation, "trials": result.trials,
+        "utilisation": result.utilisation, "trials": result.trials, "phase_seconds": result.phase_seconds,
         "stages": [{"task": s.task, "run_id": s.run_id, "chosen_trial_run": s.chosen.run_id, "finished": s.finished,
                     "failed": s.failed, "stopped_early": s.stopped, "metrics": s.chosen.metrics,
                     "density": s.chosen.density, "stored_params": s.chosen.stored_params,

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .records import TrialOutcome
 from .study import Candidate
 
-__all__ = ["SearchResult", "StageSummary"]
+__all__ = ["Laps", "SearchResult", "StageSummary"]
+
+
+class Laps:
+    """Where a search's wall time went: each :meth:`lap` names the seconds since the one before.
+
+    >>> laps = Laps(start=0.0)
+    >>> laps.lap("setup", now=1.5); laps.lap("stage x2", now=4.0); laps.seconds
+    {'setup': 1.5, 'stage x2': 2.5}
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.time() if start is None else start
+
+    def lap(self, name: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 @dataclass(kw_only=True)
@@ -40,6 +59,7 @@ class SearchResult:
     train_seconds: float  # union of all trials' training intervals
     overhead: float
     utilisation: float  # summed training time over (wall time x parallel trial slots)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # the wall time by part, in order (see Laps)
 
     @property
     def trials(self) -> int:

@@ -31,7 +31,7 @@ from .final_check import DRIFT_TOLERANCE, final_check
 from .names import Kind
 from .plan import Base, Plan, SearchContext, prepare
 from .preflight import check_artifact_store, check_services
-from .results import SearchResult, StageSummary
+from .results import Laps, SearchResult, StageSummary
 from .resume import CONFIG_ARTIFACT, earlier_runs, finished_stage, recorded_config
 from .scheduler import run_stage
 from .tracking import Tracking
@@ -83,6 +83,7 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
 
     config = plan.config
     start = time.time()
+    laps = Laps(start)
     check_services(config)
     target = ray_target(config.ray)
     probe(target)  # a Ray address that does not answer: one line, before any run is created
@@ -104,7 +105,9 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
     try:
         if resumed is not None and elsewhere:  # data uploaded when it started are runs:/ URIs in its config: kept
             plan = _upload_data(plan, tracking, search_id, log, relog=True)
+        laps.lap("setup")  # services checked, data listed, the search run started
         cluster = Cluster(config.ray)
+        laps.lap("ray")
         ctx = SearchContext(plan, tracking, cluster, search_id, log)
         log(f"Ray: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; trials ask for "
             f"{'a GPU' if cluster.device == 'cuda' else 'CPUs'} (device {config.ray.device}), {ctx.parallel} at a time")
@@ -112,8 +115,10 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
         if idle and not config.smoke_test:  # a smoke test's one trial per stage is meant to run alone
             log(f"note: {config.trials_per_stage} trials per stage on {ctx.parallel} slots leave {idle} slot(s) idle "
                 f"while each stage's last trials run; {config.trials_per_stage + idle} would fill them")
-        stages = _run_stages(ctx, resumed is not None)
-        return _finish(ctx, stages, final_check(ctx, stages), start)
+        stages = _run_stages(ctx, resumed is not None, laps)
+        final = final_check(ctx, stages)
+        laps.lap("final check")
+        return _finish(ctx, stages, final, start, laps)
     except BaseException as exc:
         _mark_ended(tracking, search_id, exc, log)
         raise
@@ -221,9 +226,9 @@ def _mark_ended(tracking: Tracking, search_id: str, exc: BaseException, log: Log
         log(f"could not mark search {search_id} as ended: {lost}")
 
 
-def _run_stages(ctx: SearchContext, resumed: bool) -> list[StageSummary]:
-    """Every stage in task order, each grown from the one before (or the base); a resumed search keeps the
-    stages committed before the restart."""
+def _run_stages(ctx: SearchContext, resumed: bool, laps: Laps) -> list[StageSummary]:
+    """Every stage in task order, each grown from the one before (or the base), each a lap; a resumed search keeps
+    the stages committed before the restart."""
     base_run, earlier = earlier_runs(ctx.tracking, ctx.search_id) if resumed else (None, {})
     parent = base_run or (_log_base(ctx, ctx.plan.base) if ctx.plan.base else None)
     stages: list[StageSummary] = []
@@ -236,6 +241,7 @@ def _run_stages(ctx: SearchContext, resumed: bool) -> list[StageSummary]:
         else:
             stages.append(run_stage(ctx, index, parent, stage.info.run_id if stage is not None else None))
         parent = stages[-1].run_id
+        laps.lap(f"stage {task}")
     return stages
 
 
@@ -251,20 +257,23 @@ def _log_base(ctx: SearchContext, base: Base) -> str:
 
 
 def _finish(ctx: SearchContext, stages: list[StageSummary], final: dict[str, dict[str, float]],
-            start: float) -> SearchResult:
+            start: float, laps: Laps) -> SearchResult:
     """Log the last stage's model as the search's pyfunc model, the search's timings and report; end its run."""
     tracking, search_id = ctx.tracking, ctx.search_id
     with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
         model_uri = tracking.log_shared_model(search_id, tracking.download_checkpoint(stages[-1].run_id, tmp))
+    laps.lap("model")
     wall = time.time() - start
     intervals = [interval for stage in stages for interval in stage.train_intervals]
     trained = union_seconds(intervals)
     result = SearchResult(search_id=search_id, name=ctx.config.name, stages=stages, final_metrics=final,
                           model_uri=model_uri, wall_seconds=wall, train_seconds=trained, overhead=1 - trained / wall,
-                          utilisation=sum(b - a for a, b in intervals) / (wall * ctx.parallel))
+                          utilisation=sum(b - a for a, b in intervals) / (wall * ctx.parallel),
+                          phase_seconds=laps.seconds)
     tracking.log(search_id, metrics={"wall_seconds": wall, "train_seconds_union": trained,
                                      "orchestration_overhead": result.overhead,
-                                     "slot_utilisation": result.utilisation, "trials": result.trials},
+                                     "slot_utilisation": result.utilisation, "trials": result.trials,
+                                     **{f"phase_seconds/{name}": s for name, s in laps.seconds.items()}},
                  tags={names.FINAL_STAGE_RUN: stages[-1].run_id})
     _log_report(ctx)
     tracking.end_run(search_id)
