@@ -207,14 +207,14 @@ def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image:
     return _Trained(separate, png, joint, seconds)
 
 
-def base_provenance(family: Family, budget: Budget, train: ImageSet, seed: int) -> dict[str, str]:
+def base_provenance(family_name: str, budget: Budget, train: ImageSet, seed: int) -> dict[str, str]:
     """What makes a base model what it is; stored in a saved base's metadata and checked when it is reused.
 
     >>> from pngrow.workers.data import ImageSet
-    >>> base_provenance(get_family("nic", ["q3"]), BUDGETS[("nic", "cpu")], ImageSet("photos", (), ()), 0)["steps"]
+    >>> base_provenance("nic", BUDGETS[("nic", "cpu")], ImageSet("photos", (), ()), 0)["steps"]
     '15000'
     """
-    return {"family": family.name, "arch": json.dumps(budget.arch, sort_keys=True), "task": budget.base_task,
+    return {"family": family_name, "arch": json.dumps(budget.arch, sort_keys=True), "task": budget.base_task,
             "steps": str(budget.base_steps), "batch_size": str(budget.batch_size), "lr": f"{budget.lr:g}",
             "precision": budget.precision, "channels_last": str(budget.channels_last), "seed": str(seed),
             "train": f"{train.source} ({len(train)} images)"}
@@ -242,7 +242,7 @@ def _base(family: Family, budget: Budget, train: ImageSet, device: str, seed: in
     provenance is one line naming the field), else trained and, with a ``path``, saved there."""
     from safetensors.torch import load_file, save_file
 
-    wanted = base_provenance(family, budget, train, seed)
+    wanted = base_provenance(family.name, budget, train, seed)
     if path is not None and path.is_file():
         check_base(path, wanted)
         log(f"base: {budget.base_steps} steps at {budget.base_task}, read from {path}")
@@ -646,8 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--base {str(args.base)!r}: the {args.budget} budget trains no base model")
     if base_read:
         try:
-            check_base(args.base, base_provenance(get_family(args.family, [budget.base_task], **budget.arch), budget,
-                                                  train, args.seed))
+            check_base(args.base, base_provenance(args.family, budget, train, args.seed))
         except ValueError as error:
             parser.error(str(error))
     start = time.perf_counter()
