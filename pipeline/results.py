@@ -21,7 +21,7 @@ class Laps:
 
     def __init__(self, start: float | None = None) -> None:
         self.seconds: dict[str, float] = {}
-        self._last = time.time() if start is None else start
+        self.started = self._last = time.time() if start is None else start
 
     def lap(self, name: str, now: float | None = None) -> None:
         now = time.time() if now is None else now

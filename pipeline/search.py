@@ -82,8 +82,7 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
     """Start (or, with ``resumed``, reopen) the search run, run every stage, check and log the final model."""
 
     config = plan.config
-    start = time.time()
-    laps = Laps(start)
+    laps = Laps()
     check_services(config)
     target = ray_target(config.ray)
     probe(target)  # a Ray address that does not answer: one line, before any run is created
@@ -118,7 +117,7 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
         stages = _run_stages(ctx, resumed is not None, laps)
         final = final_check(ctx, stages)
         laps.lap("final check")
-        return _finish(ctx, stages, final, start, laps)
+        return _finish(ctx, stages, final, laps)
     except BaseException as exc:
         _mark_ended(tracking, search_id, exc, log)
         raise
@@ -257,13 +256,13 @@ def _log_base(ctx: SearchContext, base: Base) -> str:
 
 
 def _finish(ctx: SearchContext, stages: list[StageSummary], final: dict[str, dict[str, float]],
-            start: float, laps: Laps) -> SearchResult:
+            laps: Laps) -> SearchResult:
     """Log the last stage's model as the search's pyfunc model, the search's timings and report; end its run."""
     tracking, search_id = ctx.tracking, ctx.search_id
     with tempfile.TemporaryDirectory(prefix="pngrow-model-") as tmp:
         model_uri = tracking.log_shared_model(search_id, tracking.download_checkpoint(stages[-1].run_id, tmp))
     laps.lap("model")
-    wall = time.time() - start
+    wall = time.time() - laps.started
     intervals = [interval for stage in stages for interval in stage.train_intervals]
     trained = union_seconds(intervals)
     result = SearchResult(search_id=search_id, name=ctx.config.name, stages=stages, final_metrics=final,
