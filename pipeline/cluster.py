@@ -13,6 +13,7 @@ artifact store as the driver.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -206,6 +207,16 @@ def ask_actor(actor: Any, method: str, *args: Any, timeout: float = ACTOR_SECOND
         raise ConnectionError(f"actor call {method} failed: {type(exc).__name__}: {first}") from None
 
 
+def import_modules(modules: Sequence[str]) -> int:
+    """Import ``modules`` in this process (what a worker warmed by :meth:`Cluster.warm` runs); returns its PID."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # not installed here: the trial that needs it fails naming it
+    return os.getpid()
+
+
 def gpu_ids() -> list[Any]:
     """The GPUs Ray assigned this worker (none outside Ray)."""
     return list(ray.get_gpu_ids()) if ray.is_initialized() else []
@@ -278,6 +289,17 @@ class Cluster:
                 num_cpus=self.options.cpus_per_trial, num_gpus=gpus, max_retries=self.options.max_retries,
                 name=name or function.__name__)
         return self._remote[function].remote(*args)
+
+    def warm(self, modules: Sequence[str]) -> list[ray.ObjectRef]:
+        """Import ``modules`` now in one worker per trial slot, so that the first trials start in workers that have
+        them loaded (PyTorch takes seconds) instead of importing them before their first step. Nothing waits for
+        these tasks: a trial queued behind one runs in its worker when it ends.
+
+        Each asks for a trial's CPUs (so that each slot's worker takes one) and no GPU (importing needs none).
+        """
+        warm = ray.remote(import_modules).options(num_cpus=self.options.cpus_per_trial, num_gpus=0,
+                                                  name="warm_worker")
+        return [warm.remote(tuple(modules)) for _ in range(self.slots)]
 
     @staticmethod
     def actor(cls: type, *args: Any) -> Any:

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.utils.time import get_current_time_millis
 
 from ..errors import ServiceError, failure_line
@@ -164,6 +165,17 @@ class Tracking:
         answering = AnsweringClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
         self.client: MlflowClient = answering  # type: ignore[assignment]
         self.experiment_id = self._experiment(experiment, artifact_root) if experiment else None
+
+    @staticmethod
+    def store_modules(uri: str) -> tuple[str, ...]:
+        """What MLflow imports when a client of ``uri`` first reaches its store, for a worker to import ahead: for a
+        database, its SQLAlchemy store (SQLAlchemy and Alembic, about 0.6 s on 2 cores).
+
+        >>> Tracking.store_modules("sqlite:///runs/mlflow.db"), Tracking.store_modules("http://mlflow:5000")
+        (('mlflow.store.tracking.sqlalchemy_store',), ())
+        """
+        scheme = uri.partition(":")[0].partition("+")[0]
+        return ("mlflow.store.tracking.sqlalchemy_store",) if scheme in DATABASE_ENGINES else ()
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:
         """The experiment called ``name``, created when missing; either way marked as model training, so that the

@@ -167,6 +167,33 @@ def test_a_stale_current_cluster_file_does_not_touch_the_embedded_default(monkey
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _imported(module: str) -> tuple[bool, int]:
+    """Whether this worker has ``module`` imported, and its PID (a trial's stand-in)."""
+    import os
+    import sys
+
+    return module in sys.modules, os.getpid()
+
+
+def test_the_first_trials_run_in_workers_warmed_while_the_driver_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each slot's worker imports PyTorch and the trial's code once, before the first trials are even submitted, and
+    those trials (queued behind the warm-up) run in the warmed workers instead of importing it themselves."""
+    root = short_tempdir("pngrow-rt-")
+    monkeypatch.setenv("RAY_TMPDIR", str(root))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = Cluster(RayOptions(num_cpus=2, cpus_per_trial=1))
+    try:
+        module = "xml.dom.minidom"  # no Ray worker imports it by itself
+        warming = cluster.warm([module])
+        trials = [cluster.submit(_imported, module) for _ in range(cluster.slots)]  # queued behind the warm-up
+        warmed = set(ray.get(warming))
+        assert [loaded for loaded, _ in ray.get(trials)] == [True, True]
+        assert {pid for _, pid in ray.get(trials)} <= warmed and len(warmed) == cluster.slots
+    finally:
+        cluster.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # --- devices -------------------------------------------------------------------------------------------------------
 def test_a_trial_uses_the_gpu_ray_assigned_it() -> None:
     assert worker_device("cuda", "auto", cuda_available=True, gpu_ids=[2]) == ("cuda", "")

@@ -70,6 +70,8 @@ class Family(ABC):
     quality_metric: ClassVar[str]
     # The largest norm a training step's weight gradient is scaled to (None: not clipped).
     grad_clip_norm: ClassVar[float | None] = None
+    # Modules the family imports only when it builds a model, which a search's workers import ahead (seconds each).
+    lazy_imports: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         unknown = sorted(set(arch) - set(self.arch_defaults))

@@ -70,6 +70,7 @@ class NICFamily(Family, Codec):
     # 10 to 50 times the median), and PnG's first task from a trained base diverged to NaN 48 steps into pruning;
     # clipped, it ends at 26 dB (docs/benchmark.md).
     grad_clip_norm = 1.0
+    lazy_imports = ("compressai.models",)
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         super().__init__(tasks, **arch)
