@@ -295,10 +295,11 @@ class Cluster:
         them loaded (PyTorch takes seconds) instead of importing them before their first step. Nothing waits for
         these tasks: a trial queued behind one runs in its worker when it ends.
 
-        Each asks for a trial's CPUs (so that each slot's worker takes one) and no GPU (importing needs none).
+        Each asks for a trial's CPUs (so that each slot's worker takes one) and no GPU (importing needs none), spread
+        over the nodes.
         """
         warm = ray.remote(import_modules).options(num_cpus=self.options.cpus_per_trial, num_gpus=0,
-                                                  name="warm_worker")
+                                                  scheduling_strategy="SPREAD", name="warm_worker")
         return [warm.remote(tuple(modules)) for _ in range(self.slots)]
 
     @staticmethod

@@ -91,16 +91,17 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
     target = ray_target(config.ray)
     probe(target)  # a Ray address that does not answer: one line, before any run is created
     elsewhere = _workers_elsewhere(target)  # then trials read local data from the search run's artifacts
+    plan, tracking = _list_data_and_open_tracking(plan)  # a bad input or store is named before anything starts
+    laps.lap("setup")
     cluster = Cluster(config.ray)
     try:
         # the first trials' workers import PyTorch, the family's codec library and MLflow's store while the search
-        # run is set up
-        cluster.warm((*TRIAL_MODULES, *plan.family.lazy_imports, *Tracking.store_modules(
-            config.resolved_tracking_uri())))
+        # run starts
+        cluster.warm((*TRIAL_MODULES, *plan.family.lazy_imports, *Tracking.store_modules(tracking.uri)))
         laps.lap("ray")
-        plan, tracking, search_id = _open_search_run(plan, elsewhere, resumed, log)
+        plan, search_id = _open_search_run(plan, tracking, elsewhere, resumed, log)
         try:
-            laps.lap("setup")  # data listed, the search run started
+            laps.lap("search run")
             ctx = SearchContext(plan, tracking, cluster, search_id, log)
             log(f"Ray: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; trials ask for "
                 f"{'a GPU' if cluster.device == 'cuda' else 'CPUs'} (device {config.ray.device}), {ctx.parallel} "
@@ -120,22 +121,28 @@ def _drive(plan: Plan, log: Log, resumed: str | None = None) -> SearchResult:
         cluster.close()
 
 
-def _open_search_run(plan: Plan, elsewhere: bool, resumed: str | None, log: Log) -> tuple[Plan, Tracking, str]:
-    """The plan with its data listed (and, for workers ``elsewhere``, uploaded), its tracking store and its search
-    run: a new one, or the ``resumed`` one reopened."""
+def _list_data_and_open_tracking(plan: Plan) -> tuple[Plan, Tracking]:
+    """The plan with its ``s3://`` data and init listed (trials refuse an object that changed since, see
+    :mod:`.data_cache`), and the tracking store, its artifact store checked."""
     config = plan.config
-    # s3:// data and init are listed once; trials refuse an object that changed since (see .data_cache)
     plan = replace(plan, manifest=list_sources((config.train_data, config.eval_data), (config.init,),
                                                config.data_cache))
     if config.local_artifact_root() or not config.optuna_storage:  # local artifacts or the default SQLite study
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
     tracking = Tracking(config.resolved_tracking_uri(), config.experiment, config.local_artifact_root())
     check_artifact_store(tracking.artifact_location)
+    return plan, tracking
+
+
+def _open_search_run(plan: Plan, tracking: Tracking, elsewhere: bool, resumed: str | None,
+                     log: Log) -> tuple[Plan, str]:
+    """The plan (its local data uploaded for workers ``elsewhere``) and its search run: a new one, or the
+    ``resumed`` one reopened."""
     if resumed is None:
         search_id, plan = _start_search_run(plan, tracking, elsewhere, log)
     else:
         search_id = _reopen_search_run(tracking, resumed)
-    log(f"pngrow search {config.name!r}: id {search_id}, tracking {redact(tracking.uri)}"
+    log(f"pngrow search {plan.config.name!r}: id {search_id}, tracking {redact(tracking.uri)}"
         + (" (resumed)" if resumed else ""))
     if resumed is not None and elsewhere:  # data uploaded when it started are runs:/ URIs in its config: kept
         try:
@@ -143,7 +150,7 @@ def _open_search_run(plan: Plan, elsewhere: bool, resumed: str | None, log: Log)
         except BaseException as exc:
             _mark_ended(tracking, search_id, exc, log)
             raise
-    return plan, tracking, search_id
+    return plan, search_id
 
 
 def _workers_elsewhere(target: RayTarget) -> bool:

@@ -106,7 +106,7 @@ def test_tiny_search_runs_embedded(tiny_search: Path, monkeypatch: pytest.Monkey
     assert summary["trials"] == 6 and 0 <= summary["overhead"] < 1
     # Where the wall time went, part by part, every part of it.
     phases = summary["phase_seconds"]
-    assert list(phases) == ["ray", "setup", "stage x2", "stage x3", "final check", "model"]
+    assert list(phases) == ["setup", "ray", "search run", "stage x2", "stage x3", "final check", "model"]
     assert all(s > 0 for s in phases.values()) and sum(phases.values()) == pytest.approx(summary["wall_seconds"], abs=1)
     runs = tmp_path / "pngrow-runs"
     checkpoints = list((runs / "artifacts").glob("*/artifacts/checkpoint/weights.safetensors"))
