@@ -40,7 +40,7 @@ from .uris import is_remote, redact
 __all__ = ["DRIFT_TOLERANCE", "SearchResult", "StageSummary", "prepare", "resume_search", "run_search",
            "union_seconds"]
 
-# What a trial's worker imports before its first step, warmed while the search run is set up: PyTorch and the PnG core,
+# What a trial's worker imports before its first step, warmed while the search run starts: PyTorch and the PnG core,
 # and TorchDynamo, which torch.optim imports when the first optimiser is made (1.2 s on 2 cores).
 TRIAL_MODULES = ("pngrow.pipeline.trial", "torch._dynamo")
 
