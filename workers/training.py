@@ -133,6 +133,7 @@ def train_task(
     log: Log = print,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     at_rung: RungHook | None = None,
+    initial_task: str | None = None,
 ) -> TaskResult:
     """Grow ``task`` into ``shared``, prune it, fine-tune it, commit it, then evaluate and cost it.
 
@@ -141,11 +142,12 @@ def train_task(
     ten times per task. ``at_rung(step, metrics)`` is called once when growing ends, before pruning starts (in a
     training that has steps both before and after that point), with the task's evaluation metrics then; when it
     returns False the training stops there with :class:`StoppedEarly`, leaving the task uncommitted.
+    ``initial_task`` names the task that ``shared``'s weights were trained for when it has no task yet (a base).
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     shared.train()
-    _begin(shared, task, settings)
+    _begin(shared, family, task, settings, shared.tasks[-1].name if shared.tasks else initial_task)
     optimisers = _task_optimisers(shared, family, settings)
     schedule = prune_schedule(settings.prune_ratio, settings.prune_steps, settings.prune_events)
     patch = family.patch_size(task)
@@ -183,11 +185,12 @@ def train_task(
                       time.perf_counter() - committing)
 
 
-def _begin(shared: SharedNetwork, task: str, settings: TaskSettings) -> None:
-    """Open ``task``'s blocks in ``shared`` (free blocks starting as ``grow_from`` says) in the memory order it
-    trains in."""
+def _begin(shared: SharedNetwork, family: Family, task: str, settings: TaskSettings, previous: str | None) -> None:
+    """Open ``task``'s blocks in ``shared`` (free blocks starting as ``grow_from`` says, its task-local state as the
+    family says for a start from ``previous``'s) in the memory order it trains in."""
     shared.begin_task(task, settings.block_shape, settings.reuse, settings.grow_from,  # type: ignore[arg-type]
                       settings.paired)
+    family.after_begin(shared, task, previous)
     if settings.channels_last:
         shared.model.to(memory_format=torch.channels_last)
 
@@ -310,11 +313,13 @@ def train_shared(
     device: str = "cpu",
     initial: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[str, int, dict[str, float]], None] | None = None,
+    initial_task: str | None = None,
 ) -> JobResult:
     """Train each task of ``family`` in order (:func:`train_task`), then evaluate every task on the final shared
     network.
 
-    Task 1 starts from ``initial`` (a dense state dict of the family's model) when given, else from scratch.
+    Task 1 starts from ``initial`` (a dense state dict of the family's model, trained for ``initial_task`` where
+    named) when given, else from scratch.
     ``on_step(task, step, figures)`` is called about ten times per task.
 
     Raises :class:`DriftError` if an earlier task's metrics changed after later tasks were added (they cannot,
@@ -330,7 +335,8 @@ def train_shared(
     shared = family.build_shared(initial).to(device)
     results = [
         train_task(shared, family, task, replace(s, seed=s.seed + i), sampler, eval_images, log,
-                   None if on_step is None else lambda step, figures, task=task: on_step(task, step, figures))
+                   None if on_step is None else lambda step, figures, task=task: on_step(task, step, figures),
+                   initial_task=initial_task if initial is not None else None)
         for i, (task, s) in enumerate(zip(family.tasks, settings))
     ]
     final = {task: family.evaluate(shared, task, eval_images) for task in family.tasks}

@@ -217,16 +217,19 @@ def test_every_codec_starts_from_one_base_and_is_measured_beside_jpeg(monkeypatc
     """The cpu budget's shape at a tiny size: one dense base model that every learned system starts from, and JPEG
     measured on the same images at qualities whose rates span the learned systems'."""
     starts: list[dict] = []
+    trained_for: list[str | None] = []  # what each system's first task is told its start was trained for
     real = compare.train_shared
 
-    def recording(family, settings, train, evaluation, log, device, initial=None):  # noqa: ANN001, ANN202
+    def recording(family, settings, train, evaluation, log, device, initial=None, initial_task=None):  # noqa: ANN001, ANN202
         starts.append(initial)
-        return real(family, settings, train, evaluation, log, device, initial)
+        trained_for.append(initial_task)
+        return real(family, settings, train, evaluation, log, device, initial, initial_task=initial_task)
 
     monkeypatch.setattr(compare, "train_shared", recording)
     budget = replace(TINY_NIC, tasks=("q1", "q4"), base_steps=2, base_task="q3", classic=("jpeg",))
     rows, summary = run_benchmark("nic", budget, _images(2, 128), _images(2, 128, seed=1), log=lambda m: None)
     assert len(starts) == 3 and all(start is starts[0] for start in starts)  # two separate models and PnG
+    assert trained_for == ["q3"] * 3  # each moves its latent gain from the base's rate the same way
     assert "g_a.0.weight" in starts[0]
     jpeg = [r for r in rows if r.system == "jpeg"]
     learned = [r.metrics["bpp"] for r in rows if r.system != "jpeg"]
@@ -262,7 +265,7 @@ def test_a_saved_base_is_read_by_a_rerun_of_the_same_provenance_and_refused_by_a
     trained, starts = [], []
     real_base, real_train = compare._train_base, compare.train_shared
     monkeypatch.setattr(compare, "_train_base", lambda *a: trained.append(1) or real_base(*a))
-    monkeypatch.setattr(compare, "train_shared", lambda *a: starts.append(a[-1]) or real_train(*a))
+    monkeypatch.setattr(compare, "train_shared", lambda *a, **kw: starts.append(a[-1]) or real_train(*a, **kw))
     budget = replace(TINY_NIC, tasks=("q1", "q4"), block_shapes=(), base_steps=2, base_task="q3")
     train, evaluation, path = _images(2, 128), _images(1, 128, seed=1), tmp_path / "base.safetensors"
     for _ in range(2):

@@ -72,6 +72,9 @@ class Family(ABC):
     grad_clip_norm: ClassVar[float | None] = None
     # Modules the family imports only when it builds a model, which a search's workers import ahead (seconds each).
     lazy_imports: ClassVar[tuple[str, ...]] = ()
+    # Task-local tensors the model gained after models were first saved: a saved model or initial state without one
+    # starts it at its built value (which computes what that model did).
+    added_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         unknown = sorted(set(arch) - set(self.arch_defaults))
@@ -109,9 +112,10 @@ class Family(ABC):
         model = self.build_model()
         if initial is not None:
             result = model.load_state_dict(initial, strict=False)
-            problems = [*result.missing_keys, *result.unexpected_keys]
+            missing = [key for key in result.missing_keys if key not in self.added_tensors]
+            problems = [*missing, *result.unexpected_keys]
             if problems:
-                kind = "missing" if result.missing_keys else "unexpected"
+                kind = "missing" if missing else "unexpected"
                 raise ValueError(f"initial weights do not fit the {self.name} model: {kind} tensor {problems[0]!r}")
         return self.wrap(model)
 
@@ -147,6 +151,10 @@ class Family(ABC):
     def aux_loss(self, shared: SharedNetwork) -> torch.Tensor | None:
         """Loss of the :meth:`aux_parameters` (None when there are none)."""
         return None
+
+    def after_begin(self, shared: SharedNetwork, task: str, previous: str | None) -> None:
+        """Adjust the task-local state ``task`` starts from once it has begun: a copy of ``previous``'s (the last
+        task's, or the task a first task's initial weights were trained for; None when not known)."""
 
     def before_commit(self, shared: SharedNetwork, task: str) -> None:
         """Compute derived task-local state (e.g. entropy-coder tables) before the task is frozen."""
@@ -228,4 +236,4 @@ def load_model(folder: str | Path, tasks: list[str] | None = None) -> tuple[Fami
     if tasks is not None and list(tasks[: len(saved)]) != saved:
         raise ValueError(f"task list {','.join(tasks)!r} does not extend the saved model's {','.join(saved)!r}")
     family = get_family(name, tasks or saved, **architecture)
-    return family, load_shared(folder, lambda _: family.build_model())
+    return family, load_shared(folder, lambda _: family.build_model(), family.added_tensors)

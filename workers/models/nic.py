@@ -18,7 +18,7 @@ from ..metrics import ms_ssim, psnr, quantize
 from ..png import SharedNetwork
 from ._family import Codec, Family, register_family
 
-__all__ = ["CODECS", "NICFamily", "lambda_of"]
+__all__ = ["CODECS", "LatentGain", "NICFamily", "lambda_of"]
 
 # CompressAI's MSE lambdas for its quality levels 1..8 (the bmshj2018/mbt2018 zoo).
 QUALITY_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
@@ -44,6 +44,63 @@ def lambda_of(task: str) -> float:
     raise ValueError(f"NIC task {task!r} is not q1..q8 or lambda=<positive number>")
 
 
+class LatentGain(nn.Module):
+    """A gain per latent channel, as in CompressAI's variable-rate hyperprior: the analysis transform's output is
+    multiplied by it before quantisation (so the quantisation step is its inverse), the synthesis transform's input
+    divided by it; the hyper-analysis sees the latent as without it, and the latent's scales (and means) the
+    hyper-synthesis makes are multiplied by it. It is not a convolution, so PnG keeps one per task: a later rate
+    moves its step without touching the blocks it shares with earlier rates.
+
+    :meth:`attach` applies it through forward hooks on the four transforms, so CompressAI's forward, compress and
+    decompress and pngrow's ONNX graphs of each transform all apply it. A model saved before it existed loads with
+    its built gain of 1 in every task, which computes what that model did.
+
+    >>> from torch import nn
+    >>> codec = nn.Module(); codec.g_a, codec.h_a, codec.h_s, codec.g_s = (nn.Identity() for _ in range(4))
+    >>> gain = LatentGain(2); gain.attach(codec, hyper_outputs=1)
+    >>> with torch.no_grad(): _ = gain.log_gain.fill_(math.log(2.0))
+    >>> codec.g_a(torch.ones(1, 2, 1, 1)).flatten().tolist(), codec.g_s(torch.ones(1, 2, 1, 1)).flatten().tolist()
+    ([2.0, 2.0], [0.5, 0.5])
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.log_gain = nn.Parameter(torch.zeros(channels))
+
+    def gain(self, like: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """The gain shaped (1, C * repeat, 1, 1) in ``like``'s dtype."""
+        return self.log_gain.exp().repeat(repeat).view(1, -1, 1, 1).to(like.dtype)
+
+    def attach(self, codec: nn.Module, hyper_outputs: int) -> None:
+        """Apply the gain in ``codec``'s transforms; the hyper-synthesis makes ``hyper_outputs`` tensors of the
+        latent's size (scales; scales and means), each multiplied by the gain."""
+        codec.g_a.register_forward_hook(_MultipliedOutput(self, 1))
+        codec.h_a.register_forward_pre_hook(_DividedInput(self))
+        codec.h_s.register_forward_hook(_MultipliedOutput(self, hyper_outputs))
+        codec.g_s.register_forward_pre_hook(_DividedInput(self))
+
+
+class _MultipliedOutput:
+    """A forward hook multiplying a transform's output by the gain. An object rather than a closure, so that
+    ``copy.deepcopy`` of the model copies it with the gain it multiplies by."""
+
+    def __init__(self, gain: LatentGain, repeat: int) -> None:
+        self.latent_gain, self.repeat = gain, repeat
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * self.latent_gain.gain(output, self.repeat)
+
+
+class _DividedInput:
+    """A forward pre-hook dividing a transform's input by the gain (see :class:`_MultipliedOutput`)."""
+
+    def __init__(self, gain: LatentGain) -> None:
+        self.latent_gain = gain
+
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (inputs[0] / self.latent_gain.gain(inputs[0]), *inputs[1:])
+
+
 def _bits(likelihoods: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(torch.log(v).sum() for v in likelihoods.values()) / -math.log(2)
 
@@ -52,8 +109,9 @@ def _bits(likelihoods: dict[str, torch.Tensor]) -> torch.Tensor:
 class NICFamily(Family, Codec):
     """Multi-rate compression: ``lambda * 255^2 * MSE + bpp`` per task; bpp on evaluation from real bitstreams.
 
-    Convolutions of the analysis, synthesis and hyper transforms are shared by PnG; biases, GDNs and the entropy
-    bottleneck (and the Gaussian conditional's tables) are task-local, i.e. each rate has its own entropy model.
+    Convolutions of the analysis, synthesis and hyper transforms are shared by PnG; biases, GDNs, the latent's gain
+    (:class:`LatentGain`) and the entropy bottleneck (and the Gaussian conditional's tables) are task-local, i.e.
+    each rate has its own quantisation step and entropy model.
     """
 
     # Lowest rate first: each later rate inherits the training of the blocks it reuses (and starts from the previous
@@ -71,6 +129,7 @@ class NICFamily(Family, Codec):
     # clipped, it ends at 26 dB (docs/benchmark.md).
     grad_clip_norm = 1.0
     lazy_imports = ("compressai.models",)
+    added_tensors = ("latent_gain.log_gain",)
 
     def __init__(self, tasks: list[str], **arch: Any) -> None:
         super().__init__(tasks, **arch)
@@ -94,7 +153,10 @@ class NICFamily(Family, Codec):
             # CompressAI 1.2.8 scripts a helper with torch.jit.script at import, which torch 2.14 deprecates.
             warnings.simplefilter("ignore", FutureWarning)
             import compressai.models
-        return getattr(compressai.models, CODECS[self.arch["codec"]])(N=self.arch["N"], M=self.arch["M"])
+        codec = getattr(compressai.models, CODECS[self.arch["codec"]])(N=self.arch["N"], M=self.arch["M"])
+        codec.latent_gain = LatentGain(self.arch["M"])
+        codec.latent_gain.attach(codec, hyper_outputs=2 if self.arch["codec"] == "mean-scale-hyperprior" else 1)
+        return codec
 
     def wrap(self, model: nn.Module) -> SharedNetwork:
         return SharedNetwork(model)
@@ -112,10 +174,20 @@ class NICFamily(Family, Codec):
     def aux_loss(self, shared: SharedNetwork) -> torch.Tensor:
         return shared.model.aux_loss()
 
+    def after_begin(self, shared: SharedNetwork, task: str, previous: str | None) -> None:
+        """A rate's latent gain starts at ``previous``'s times sqrt(lambda / previous lambda): where the rate is high,
+        the quantisation step that minimises ``lambda * MSE + rate`` goes as 1 / sqrt(lambda), so the rate starts
+        near its own operating point rather than the previous rate's (docs/benchmark.md)."""
+        if previous is None:
+            return
+        with torch.no_grad():
+            shared.model.latent_gain.log_gain.add_(0.5 * math.log(lambda_of(task) / lambda_of(previous)))
+
     def before_commit(self, shared: SharedNetwork, task: str) -> None:
         shared.activate(task)
         shared.model.update(force=True)
 
+    @torch.no_grad()
     def compress(self, shared: SharedNetwork, task: str, image: torch.Tensor) -> dict[str, Any]:
         """Entropy-code a (1, 3, H, W) image in [0, 1] with ``task``'s rate; returns CompressAI's strings and shape."""
         shared.activate(task)
@@ -123,6 +195,7 @@ class NICFamily(Family, Codec):
         padded = F.pad(image, (0, -w % _STRIDE, 0, -h % _STRIDE), mode="replicate")
         return shared.model.compress(padded)
 
+    @torch.no_grad()
     def decompress(self, shared: SharedNetwork, task: str, coded: dict[str, Any], size: tuple[int, int],
                    indexes: np.ndarray | None = None) -> torch.Tensor:
         """Decode what :meth:`compress` returned with ``task``'s entropy model, cropped to ``size`` (H, W): as
@@ -135,6 +208,7 @@ class NICFamily(Family, Codec):
         y_hat = model.gaussian_conditional.decompress(coded["strings"][0], chosen, scales.dtype, means)
         return model.g_s(y_hat).clamp_(0, 1)[..., : size[0], : size[1]]
 
+    @torch.no_grad()
     def coding_indexes(self, shared: SharedNetwork, task: str, coded: dict[str, Any]) -> LatentIndexes:
         """The scales the hyper-synthesis makes of ``coded``'s hyper-latent, the Gaussian conditional's boundaries
         and its indexes of those scales (see :meth:`Codec.coding_indexes`)."""

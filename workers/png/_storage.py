@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -86,8 +86,11 @@ def read_description(folder: str | Path) -> dict[str, Any]:
     return description
 
 
-def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.Module]) -> SharedNetwork:
-    """Rebuild a saved shared network; ``build_model(architecture)`` makes the untrained model.
+def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.Module],
+                added: Sequence[str] = ()) -> SharedNetwork:
+    """Rebuild a saved shared network; ``build_model(architecture)`` makes the untrained model. ``added`` names
+    task-local tensors the model gained since it may have been saved: a task saved without one starts it at the
+    built model's value.
 
     The weights file's SHA-256 must match the description's, so a corrupted or swapped file is refused.
     """
@@ -109,6 +112,7 @@ def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.M
     expected = [layer["name"] for layer in description["layers"]]
     if shared.layer_names != expected:
         raise CheckpointError(f"{folder}: the rebuilt model's shared layers differ from the saved ones")
+    built = {name: tensor.detach() for name, tensor in shared.model.state_dict().items() if name in added}
     for name, value in tensors.items():
         if name.startswith("head/"):
             assign_tensor(shared.model, name[len("head/") :], value)
@@ -116,7 +120,8 @@ def load_shared(folder: str | Path, build_model: Callable[[dict[str, Any]], nn.M
         task = TaskRecord(spec["name"], tuple(spec["block_shape"]), spec["reuse"], committed=True,
                           paired=bool(spec.get("paired", False)))
         prefix = f"task/{task.name}/local/"
-        task.local_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        task.local_state = {name: value.clone() for name, value in built.items()}
+        task.local_state.update({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         shared.tasks.append(task)
     try:
         for layer in shared.shared_layers():
