@@ -82,7 +82,8 @@ BUDGETS: dict[tuple[str, str], Budget] = {
     ("sisr", "full"): Budget(("x2", "x3", "x4"), 30000, 16, 2e-4, {"width": 64, "depth": 16}, None, 256, 30),
     ("nic", "quick"): Budget(("q7", "q5", "q3", "q1"), 250, 4, 5e-4, {"N": 64, "M": 96}, 6, 256, 15),
     # cpu: the highest rate first, as quick and full: with a latent gain per rate, each lower rate moves its step down
-    # from the higher rate's blocks, and every rate came out below the loss of one pruned alone (docs/benchmark.md).
+    # from the higher rate's blocks, and every rate came out at or under the loss of one pruned alone to the same
+    # density (q4, trained first, the same; docs/benchmark.md).
     ("nic", "cpu"): Budget(("q4", "q3", "q2", "q1"), 2500, 8, 5e-4, {"N": 64, "M": 96}, None, 512, 15,
                            ("8x1024/active+zero",), prune_events=100, png_phases=(0.3, 0.35), base_steps=15000,
                            base_task="q3", classic=("jpeg", "webp"), precision="bfloat16", channels_last=True),
