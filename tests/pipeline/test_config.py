@@ -5,16 +5,26 @@ from pathlib import Path
 import pytest
 
 from pngrow.errors import ConfigError
-from pngrow.pipeline.config import RayOptions, SearchConfig, flat_params, load_config, public_config
+from pngrow.pipeline.config import (RayOptions, SearchConfig, as_smoke_test, flat_params, load_config,
+                                    public_config)
 
 EXAMPLES = Path(__file__).parents[2] / "search_spaces" / "examples"
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
-def test_example_configs_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_configs_load_and_plan(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every example, as written and as its ``--smoke-test``, passes the checks a search makes before any service
+    starts (family, tasks, space, objectives, rule, block shapes, data). Which examples also run as Ray jobs:
+    tests/pipeline/test_multinode.py."""
+    from pngrow.pipeline.plan import prepare
+
     monkeypatch.setenv("PNGROW_DB", "postgresql://u:p@db/optuna")
+    monkeypatch.setenv("PNGROW_CACHE", str(tmp_path / "cache"))
     config = load_config(path)
     assert config.tasks and config.trials_per_stage >= 1
+    for checked in (config, as_smoke_test(config)):
+        plan = prepare(checked)
+        assert list(plan.family.tasks) == config.tasks and plan.space.family == config.family
 
 
 def test_the_tiny_example_runs_locally_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
-"""Searches on a real Ray cluster of separate processes: every example config submitted as a Ray job through the
-Jobs API (the job's driver joins the head's cluster), and spread over worker nodes that each declare a GPU (trials run
-on different nodes at once, and train on the CPU with a warning, since these GPUs have no CUDA behind them)."""
+"""Searches on a real Ray cluster of separate processes: the cluster and codec examples submitted as Ray jobs through
+the Jobs API (the job's driver joins the head's cluster), and spread over worker nodes that each declare a GPU (trials
+run on different nodes at once, and train on the CPU with a warning, since these GPUs have no CUDA behind them)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from tests.pipeline.conftest import GpuCluster, Services
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "search_spaces" / "examples").glob("*.yaml"))
+# The examples run as Ray jobs: the cluster's (on the real services) and the codec's. tiny-sisr runs embedded and
+# on a running head in test_search_local and test_search_services, and every example's plan is checked in
+# test_config, so running all five here (3.3 minutes of a 2-core suite) added time, not coverage.
+JOB_EXAMPLES = [REPO / "search_spaces" / "examples" / f"{name}.yaml" for name in ("cluster-sisr", "tiny-nic")]
 
 SPACE = ("family: sisr\nparameters:\n  prune_ratio: {type: float, low: 0.3, high: 0.6, default: 0.5}\n"
          "fixed: {grow_steps: 10, prune_steps: 4, finetune_steps: 4, batch_size: 4, block_shape: 4x4, lr: 1.0e-3}\n")
@@ -82,12 +85,12 @@ def _wait_for_jobs(client: Any, jobs: dict[str, str], seconds: float) -> None:
 
 
 @pytest.mark.slow
-def test_every_example_config_runs_as_a_ray_job(services: Services, root: Path) -> None:
-    """``ray job submit --working-dir . -- pngrow search search_spaces/examples/X.yaml --smoke-test``, for every
-    example at once, through the Jobs API of a head started on its own (4 CPUs and 4 logical GPUs, with no CUDA
-    behind them): each job's driver joins the head's cluster. The cluster example runs on the real services (its
-    data in S3, Optuna on PostgreSQL, MLflow on a server with S3 artifacts); the others on their embedded default's
-    SQLite stores."""
+def test_the_cluster_and_codec_examples_run_as_ray_jobs(services: Services, root: Path) -> None:
+    """``ray job submit --working-dir . -- pngrow search search_spaces/examples/X.yaml --smoke-test``, for each of
+    :data:`JOB_EXAMPLES` at once, through the Jobs API of a head started on its own (4 CPUs and 4 logical GPUs,
+    with no CUDA behind them): each job's driver joins the head's cluster. The cluster example runs on the real
+    services (its data in S3, Optuna on PostgreSQL, MLflow on a server with S3 artifacts); the codec example on its
+    embedded default's SQLite stores."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     head = RayHead(root / "ray", num_cpus=4, num_gpus=4, dashboard=True)
@@ -97,7 +100,7 @@ def test_every_example_config_runs_as_a_ray_job(services: Services, root: Path) 
         _photos_in_s3(services.s3, "pngrow-data", "div2k/train", "set5")  # cluster-sisr.yaml's data
         client = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"})
         jobs = {}
-        for example in EXAMPLES:
+        for example in JOB_EXAMPLES:
             stores = (f"--tracking-uri {services.mlflow.uri}" if example.stem == "cluster-sisr"  # not mlflow.internal
                       else f"--tracking-uri sqlite:///{root}/{example.stem}/mlflow.db --workdir {root}/{example.stem}")
             jobs[example.stem] = client.submit_job(
