@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -60,7 +60,7 @@ class Budget:
     eval_images: int | None  # the first N of the evaluation folder; None for all
     latency_size: int  # side of the square input latency is measured on
     latency_rounds: int
-    # "<shape>[/<scope>][+paired][+released|+zero][@<ratio>]"
+    # "<shape>[/<scope>][+paired][+released|+zero][+alone][@<ratio>]"
     block_shapes: tuple[str, ...] = ("4x4", "8x1024", "8x1024/active")
     prune_ratio: float = 0.5
     prune_events: int = 10  # how many steps of PnG's pruning release blocks (see TaskSettings)
@@ -83,10 +83,11 @@ BUDGETS: dict[tuple[str, str], Budget] = {
     ("nic", "quick"): Budget(("q7", "q5", "q3", "q1"), 250, 4, 5e-4, {"N": 64, "M": 96}, 6, 256, 15),
     # cpu: the highest rate first, as quick and full: with a latent gain per rate, each lower rate moves its step down
     # from the higher rate's blocks, and every rate came out at or under the loss of one pruned alone to the same
-    # density (q4, trained first, the same; docs/benchmark.md).
+    # density (q4, trained first, the same; docs/benchmark.md). +alone measures that reference in the same run.
     ("nic", "cpu"): Budget(("q4", "q3", "q2", "q1"), 2500, 8, 5e-4, {"N": 64, "M": 96}, None, 512, 15,
-                           ("8x1024/active+zero",), prune_events=100, png_phases=(0.3, 0.35), base_steps=15000,
-                           base_task="q3", classic=("jpeg", "webp"), precision="bfloat16", channels_last=True),
+                           ("8x1024/active+zero", "8x1024/active+alone"), prune_events=100, png_phases=(0.3, 0.35),
+                           base_steps=15000, base_task="q3", classic=("jpeg", "webp"), precision="bfloat16",
+                           channels_last=True),
     ("nic", "full"): Budget(("q7", "q5", "q3", "q1"), 100000, 8, 1e-4, {"N": 128, "M": 192}, None, 512, 30),
 }
 
@@ -113,13 +114,14 @@ class Row:
         return {**out, **self.metrics, **self.extra}
 
 
-# A PnG spec's +flags: channel pairs pruned together; a later task's free blocks start as released or at zero.
-_FLAGS = ("paired", "released", "zero")
+# A PnG spec's +flags: channel pairs pruned together; a later task's free blocks start as released or at zero; each
+# task pruned alone, in a model of its own that shares nothing (the reference that prices sharing at equal density).
+_FLAGS = ("paired", "released", "zero", "alone")
 
 
 def _parse_spec(spec: str) -> tuple[str, str, frozenset[str], float | None]:
     """A PnG system's block shape, pruning scope, flags and prune ratio (None: the budget's) from its spec
-    ``<shape>[/<scope>][+paired][+released|+zero][@<ratio>]``.
+    ``<shape>[/<scope>][+paired][+released|+zero][+alone][@<ratio>]``.
 
     >>> _parse_spec("8x1024/active+paired@0.4"), _parse_spec("4x4")
     (('8x1024', 'active', frozenset({'paired'}), 0.4), ('4x4', 'own', frozenset(), None))
@@ -165,10 +167,11 @@ def _task_settings(budget: Budget, block_shape: str | None, seed: int) -> TaskSe
 
 @dataclass
 class _Trained:
-    """Every system of a run, trained: PnG jobs by block spec, separate jobs by task, the joint model."""
+    """Every system of a run, trained: separate jobs by task, PnG jobs by block spec and task (one job for every
+    task, or one per task for a spec with +alone), the joint model."""
 
     separate: dict[str, Any]
-    png: dict[str, Any]
+    png: dict[str, dict[str, Any]]
     joint: Any
     seconds: dict[str, float]
 
@@ -198,9 +201,15 @@ def _train_systems(family: Family, budget: Budget, train: ImageSet, first_image:
     for shape in budget.block_shapes:
         start = time.perf_counter()
         log(f"{_system(shape)}: {len(budget.tasks)} tasks of {budget.steps} steps")
-        settings = [_task_settings(budget, shape, seed)] * len(budget.tasks)
-        png[shape] = train_shared(family, settings, train, first_image, _training_log(log, _system(shape)), device,
-                                  initial, initial_task=budget.base_task or None)
+        settings, system_log = _task_settings(budget, shape, seed), _training_log(log, _system(shape))
+        if "alone" in _parse_spec(shape)[2]:
+            png[shape] = {task: train_shared(get_family(family.name, [task], **budget.arch), [settings], train,
+                                             first_image, system_log, device, initial,
+                                             initial_task=budget.base_task or None) for task in budget.tasks}
+        else:
+            job = train_shared(family, [settings] * len(budget.tasks), train, first_image, system_log, device,
+                               initial, initial_task=budget.base_task or None)
+            png[shape] = dict.fromkeys(budget.tasks, job)
         seconds[_system(shape)] = time.perf_counter() - start
     start = time.perf_counter()
     log(f"joint: {budget.steps * len(budget.tasks)} steps over all tasks")
@@ -286,7 +295,8 @@ def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation:
     stored = {
         "separate": sum(model_cost(job.shared).stored_params for job in trained.separate.values()),
         "joint": sum(p.numel() for p in trained.joint.model.parameters()),
-        **{_system(shape): model_cost(job.shared).stored_params for shape, job in trained.png.items()},
+        **{_system(shape): sum(model_cost(job.shared).stored_params for job in _distinct(jobs.values()))
+           for shape, jobs in trained.png.items()},
     }
     log("measuring quality, MACs and latency")
     latency_input = torch.rand(1, 3, budget.latency_size, budget.latency_size,
@@ -295,6 +305,11 @@ def run_benchmark(family_name: str, budget: Budget, train: ImageSet, evaluation:
             for row in _measure_task(family, task, trained, evaluation, budget, latency_input, stored, dense_params)]
     rows += _classic_rows(budget, evaluation, rows, dense_params, log)
     return rows, _summary(family, rows, stored, dense_params, trained.seconds)
+
+
+def _distinct(jobs: Iterable[Any]) -> list[Any]:
+    """A PnG system's trained models, each once: one shared by every task, or one per task (+alone)."""
+    return list({id(job): job for job in jobs}.values())
 
 
 def _classic_rows(budget: Budget, evaluation: ImageSet, learned: list[Row], dense_params: int,
@@ -320,16 +335,17 @@ def _measure_task(family: Family, task: str, trained: _Trained, evaluation: Imag
     """One task's row for every system: quality, MACs, and latency taken in turns (PnG also compacted)."""
     cost_input = family.cost_inputs(task)[0].to(latency_input.device)
     exported = compact_task(trained.separate[task].shared, task, strategies=("dense",))
-    compacted = {shape: compact_task(job.shared, task, latency_input) for shape, job in trained.png.items()}
+    png = {shape: jobs[task] for shape, jobs in trained.png.items()}
+    compacted = {shape: compact_task(job.shared, task, latency_input) for shape, job in png.items()}
     runs: dict[str, Callable[[], Any]] = {"separate": lambda: exported(latency_input),
                                           "joint": lambda: trained.joint(task, latency_input)}
-    for shape, job in trained.png.items():
+    for shape, job in png.items():
         runs[_system(shape)] = lambda job=job: job.shared(task, latency_input)
         runs[_system(shape) + "/compact"] = lambda c=compacted[shape]: c(latency_input)
     ms = median_latencies(runs, budget.latency_rounds, latency_input.device, warmup=1)
     rows = [Row("separate", task, family.evaluate(trained.separate[task].shared, task, evaluation),
                 count_macs(exported, cost_input), ms["separate"], stored["separate"], dense_params)]
-    for shape, job in trained.png.items():
+    for shape, job in png.items():
         compact, system = compacted[shape], _system(shape)
         error = check_compaction(compact, job.shared, (latency_input,))  # a mismatch ends the run, named
         trained_task = next(r for r in job.task_results if r.task == task)
@@ -558,8 +574,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-rounds", type=int, default=None, help="override how many rounds latency is timed")
     parser.add_argument("--block-shapes", default=None,
                         help="PnG systems, comma separated: a block shape, optionally /active (the pruning scope), "
-                             "+paired (channel pairs pruned together) and @RATIO (the prune ratio; default 0.5), e.g. "
-                             "4x4,8x1024,8x1024/active@0.4,8x1024/active+paired")
+                             "+paired (channel pairs pruned together), +released or +zero (where a later task's free "
+                             "blocks start), +alone (each task pruned in a model of its own, sharing nothing) and "
+                             "@RATIO (the prune ratio; default 0.5), e.g. 4x4,8x1024/active@0.4,8x1024/active+alone")
     parser.add_argument("--reuse-penalty", type=float, default=None,
                         help="PnG's loss weight on the share of earlier blocks a later task reuses (default 0)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")

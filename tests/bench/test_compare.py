@@ -16,6 +16,7 @@ from bench import compare
 from bench.compare import Budget, Row, main, run_benchmark
 from pngrow.workers.data import ImageSet
 from pngrow.workers.models import get_family
+from pngrow.workers.png import model_cost
 
 
 def _images(count: int, size: int, seed: int = 0) -> ImageSet:
@@ -53,6 +54,28 @@ def test_every_system_is_measured_on_every_task_under_the_same_budget() -> None:
     density = {(r.system, r.task): r.extra["density"] for r in rows if r.system.startswith("png")}
     assert density["png-2x1024-active", "x4"] == pytest.approx(0.5, abs=0.05)
     assert density["png-2x1024-active", "x4"] < density["png-2x1024", "x4"]
+
+
+def test_a_spec_pruned_alone_trains_a_model_per_task_and_stores_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``+alone``: the PnG spec's pruning, each task in a model of its own sharing nothing, so its storage is the sum
+    of one pruned model per task and each task keeps half of its own model's blocks."""
+    trained: list[tuple[list[str], object]] = []
+    real = compare.train_shared
+
+    def recording(family, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        job = real(family, *args, **kwargs)
+        trained.append((list(family.tasks), job))
+        return job
+
+    monkeypatch.setattr(compare, "train_shared", recording)
+    budget = replace(TINY_SISR, block_shapes=("2x1024/active", "2x1024/active+alone"))
+    rows, summary = run_benchmark("sisr", budget, _images(2, 64), _images(2, 64, seed=1), log=lambda m: None)
+    assert [tasks for tasks, _ in trained] == [["x2"], ["x4"], ["x2", "x4"], ["x2"], ["x4"]]
+    alone = summary["systems"]["png-2x1024-active-alone"]
+    assert alone["stored_params"] == sum(model_cost(job.shared).stored_params for _, job in trained[3:])
+    assert alone["stored_params"] > summary["systems"]["png-2x1024-active"]["stored_params"]  # two heads, two bodies
+    for row in (r for r in rows if r.system == "png-2x1024-active-alone"):
+        assert row.extra["density"] == pytest.approx(0.5, abs=0.05) and row.compact_max_error < 1e-4, row.task
 
 
 def _bjontegaard_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float:
@@ -157,7 +180,7 @@ def test_main_writes_parquet_markdown_json_and_plot(tmp_path: Path, monkeypatch:
         (["sisr", "--block-shapes", "4by4"], "block shape '4by4'"),
         (["sisr", "--block-shapes", "8x1024/fast"], "--block-shapes '8x1024/fast': prune scope 'fast' is not one of"),
         (["sisr", "--block-shapes", "8x1024+pairs"], "--block-shapes '8x1024+pairs': block spec '8x1024+pairs': "
-                                                     "'+pairs' is not +paired or +released or +zero"),
+                                                     "'+pairs' is not +paired or +released or +zero or +alone"),
         (["nic", "--block-shapes", "8x1024+zero+released"],
          "a task's free blocks start as released or at zero, not both"),
         (["nic", "--block-shapes", "8x1024/active+paired"], "the nic model declares no channel pairs"),
