@@ -122,8 +122,9 @@ class _Run(_Command):
         for name in ("grow-steps", "prune-steps", "prune-events", "finetune-steps", "batch-size"):
             add(f"--{name}", type=int, help="family default when omitted")
         add("--precision", choices=("native", *PRECISIONS),
-            help="float32 (default), bfloat16 (autocast), or native: bfloat16 where the device computes it in "
-                 "hardware (AVX-512 BF16 or AMX, a recent GPU), else float32")
+            help="float32, bfloat16 (autocast), or native: bfloat16 where the device computes it in hardware "
+                 "(AVX-512 BF16 or AMX, a recent GPU), else float32 (default: the family's, native for nic, float32 "
+                 "for sisr)")
         add("--lr", type=float, default=5e-4)
         add("--selection-lr", type=float, default=1e-3)
         add("--data", help="folder of training images (default: scikit-image's bundled photos)")
