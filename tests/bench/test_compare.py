@@ -325,3 +325,11 @@ def test_an_evaluation_folder_without_an_image_one_tile_in_size_is_one_line(tmp_
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"python -m bench: error: evaluation folder '{folder}' has no image of at least 64x64 pixels, one tile of the "
         "nic model")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_machine_line_names_the_cpus_native_precision(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A codec trains about twice as fast where the CPU computes bfloat16 in hardware: every bench's machine line says
+    which kind of CPU its seconds come from."""
+    monkeypatch.setattr(compare, "native_precision", lambda device="cpu": precision)
+    assert f"native precision {precision})" in compare.machine("cpu")
